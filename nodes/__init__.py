@@ -1,0 +1,21 @@
+"""Node classes: schema, tooltips, validation; the work happens in samplers/ and training/."""
+
+from __future__ import annotations
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .edlora_convert import EDLoRAConvert
+from .edlora_loader import EDLoRALoader
+
+NODE_CLASSES: list[type[io.ComfyNode]] = [
+    EDLoRALoader,
+    EDLoRAConvert,
+]
+
+
+class MultiConceptExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODE_CLASSES)

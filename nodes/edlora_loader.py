@@ -1,0 +1,116 @@
+"""ED-LoRA Loader: applies one Mix-of-Show concept (token embeddings + LoRA) to a MODEL and CLIP."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from comfy_api.latest import io
+
+from ..samplers.edlora_model import EDLoRAApplyError, apply_edlora
+from ..training.edlora_file import EDLoRAFileError, EDLoRAWeights, read_edlora
+from .common import (
+    CATEGORY_EDLORA,
+    EDLORA_SUFFIXES,
+    EDLoRAConceptType,
+    NodeError,
+    list_model_files,
+    missing_file_message,
+    resolve_model_file,
+)
+
+NODE_NAME = "ED-LoRA Loader"
+
+# Parsed files, keyed by (path, size, mtime): chained loaders and re-runs with other strengths reuse them.
+_CACHE: OrderedDict[tuple, EDLoRAWeights] = OrderedDict()
+_CACHE_SIZE = 8
+
+
+def load_weights(path: str) -> EDLoRAWeights:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    weights = read_edlora(path)
+    _CACHE[key] = weights
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return weights
+
+
+class EDLoRALoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MultiConceptEDLoRALoader",
+            display_name="ED-LoRA Loader (Mix-of-Show)",
+            category=CATEGORY_EDLORA,
+            description=(
+                "Adds one personalized concept (an ED-LoRA from Mix-of-Show, or one made by this pack) to the MODEL "
+                "and CLIP. Type the concept words (e.g. <cat1> <cat2>) into an ordinary CLIP Text Encode fed by "
+                "this CLIP and sample with any stock sampler: each cross-attention layer then sees the concept's "
+                "own token for that layer. Chain several loaders for several concepts."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5-family diffusion model to add the concept's UNet LoRA to."),
+                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint; it learns the concept words."),
+                io.Combo.Input(
+                    "edlora_name",
+                    options=list_model_files("loras", EDLORA_SUFFIXES),
+                    tooltip="ED-LoRA file from models/loras: an official Mix-of-Show .pth (loaded safely, "
+                    "tensors only) or a .safetensors made by this pack.",
+                ),
+                io.Float.Input(
+                    "strength_unet", default=0.7, min=-4.0, max=4.0, step=0.01,
+                    tooltip="Scale of the UNet LoRA (Mix-of-Show's inference alpha; 0.6-0.7 is typical). "
+                    "0 leaves the UNet weights untouched.",
+                ),
+                io.Float.Input(
+                    "strength_text", default=0.7, min=-4.0, max=4.0, step=0.01,
+                    tooltip="Scale of the text-encoder LoRA (Mix-of-Show's inference alpha). "
+                    "0 leaves the text encoder weights untouched; the concept words still work.",
+                ),
+                io.String.Input(
+                    "concept_words", default="", optional=True,
+                    tooltip="Optional: new prompt words for this concept, as many as the file has, separated by "
+                    "spaces (e.g. '<alice1> <alice2>'). Empty keeps the file's words; words already used by an "
+                    "earlier loader are renamed automatically (see the 'words' output).",
+                ),
+                io.String.Input(
+                    "class_word", default="", optional=True,
+                    tooltip="Optional: the concept's class ('cat', 'man', 'chair'), used by region and OMG nodes "
+                    "when they need a class-only prompt. Empty uses the file's metadata, if any.",
+                ),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the concept's UNet LoRA and layer-wise routing."),
+                io.Clip.Output(display_name="CLIP", tooltip="The CLIP that understands the concept words."),
+                EDLoRAConceptType.Output(
+                    display_name="concept", tooltip="The concept: its words, class word and file, for region/OMG nodes."
+                ),
+                io.String.Output(display_name="words", tooltip="The words to type in prompts for this concept."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, edlora_name):
+        # Replaces ComfyUI's bare "value not in list" with where the file should go.
+        import folder_paths
+
+        if not edlora_name or folder_paths.get_full_path("loras", edlora_name) is None:
+            return f"{NODE_NAME}: " + missing_file_message(edlora_name, "loras", "ED-LoRA file")
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, edlora_name, strength_unet, strength_text, concept_words="", class_word="") -> io.NodeOutput:
+        path = resolve_model_file(NODE_NAME, "loras", edlora_name, "ED-LoRA file")
+        try:
+            weights = load_weights(path)
+            words = tuple(concept_words.split()) if concept_words and concept_words.strip() else None
+            new_model, new_clip, concept = apply_edlora(
+                model, clip, weights, edlora_name, strength_unet, strength_text, words=words, class_word=class_word.strip()
+            )
+        except (EDLoRAFileError, EDLoRAApplyError) as e:
+            raise NodeError(NODE_NAME, str(e)) from None
+        return io.NodeOutput(new_model, new_clip, concept, concept.prompt_words)

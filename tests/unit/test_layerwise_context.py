@@ -1,0 +1,69 @@
+"""Layer-wise context routing on small tensors (DESIGN §4, ED-LoRA: layer i reads slice i)."""
+
+import copy
+
+import torch
+
+from multiconcept.samplers.layerwise_context import LayerwiseContext, LayerwiseTable, layer_for, route_layer_context
+
+
+def _ctx(rows, tokens, dim=4, seed=0):
+    return torch.randn(rows, tokens, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_only_rows_of_layerwise_conds_change_and_each_layer_gets_its_slice():
+    rows = 2  # latent batch of 2
+    context = _ctx(2 * rows, 6)  # chunk 0 = negative, chunk 1 = concept prompt
+    layers = torch.randn(1, 16, 6, 4)
+    for layer in range(16):
+        out = route_layer_context(context, [None, layers], layer)
+        assert torch.equal(out[:rows], context[:rows])  # negative rows untouched
+        for r in range(rows, 2 * rows):
+            assert torch.equal(out[r], layers[0, layer])
+        assert torch.equal(context, _ctx(2 * rows, 6))  # input not modified in place
+
+
+def test_repetition_padding_is_respected():
+    context = _ctx(2, 12)  # the concept prompt (6 tokens) was padded to 12 by repetition
+    layers = torch.randn(1, 16, 6, 4)
+    out = route_layer_context(context, [layers, None], 3)
+    assert torch.equal(out[0], torch.cat([layers[0, 3], layers[0, 3]]))
+    assert torch.equal(out[1], context[1])
+
+
+def test_nothing_to_route_returns_the_same_tensor():
+    context = _ctx(2, 6)
+    assert route_layer_context(context, [None, None], 0) is context
+    assert route_layer_context(context, [], 0) is context
+    assert route_layer_context(context, [None, torch.randn(1, 16, 6, 4)], 16) is context  # outside 0..15
+    assert route_layer_context(context, [None, torch.randn(1, 16, 6, 4)], None) is context
+
+
+def test_single_token_concepts_use_the_same_context_everywhere():
+    assert layer_for(7, 1) == 0 and layer_for(7, 16) == 7 and layer_for(16, 16) is None
+    context = _ctx(2, 6)
+    one = torch.randn(1, 1, 6, 4)
+    assert torch.equal(route_layer_context(context, [None, one], 11)[1], one[0, 0])
+
+
+def test_aligned_to_recognises_reference_copies_and_concatenation():
+    layers, ref = torch.randn(1, 16, 6, 4), torch.randn(1, 6, 4)
+    lw = LayerwiseContext(layers=layers, reference=ref)
+    assert lw.aligned_to(ref) is layers
+    assert lw.aligned_to(ref.clone()) is layers
+    tail = torch.randn(1, 3, 4)
+    cat = lw.aligned_to(torch.cat([ref, tail], dim=1))
+    assert cat.shape == (1, 16, 9, 4)
+    assert torch.equal(cat[:, :, :6], layers) and torch.equal(cat[0, 5, 6:], tail[0])
+    assert lw.aligned_to(ref * 0.5) is None  # averaged / changed conditioning is not ours
+    assert lw.aligned_to(torch.zeros(1, 3, 4)) is None
+    assert lw.aligned_to(None) is None
+
+
+def test_table_casts_once_per_run_and_survives_deepcopy():
+    layers = torch.randn(1, 16, 6, 4)
+    table = LayerwiseTable({"u": layers})
+    a = table.get("u", torch.device("cpu"), torch.float16)
+    assert a.dtype == torch.float16 and table.get("u", torch.device("cpu"), torch.float16) is a
+    assert table.get("other", torch.device("cpu"), torch.float32) is None
+    assert copy.deepcopy(table) is table and bool(table) and len(table) == 1

@@ -1,0 +1,1 @@
+"""ED-LoRA training and file formats (pure torch; usable without ComfyUI)."""
