@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing_extensions import override
-
 from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
 
 from .edlora_convert import EDLoRAConvert
 from .edlora_loader import EDLoRALoader

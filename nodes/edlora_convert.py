@@ -8,7 +8,14 @@ from dataclasses import replace
 from comfy_api.latest import io, ui
 
 from ..training.edlora_file import EDLoRAFileError, default_safetensors_name, read_edlora, write_edlora_safetensors
-from .common import CATEGORY_EDLORA, PICKLE_SUFFIXES, NodeError, list_model_files, missing_file_message, resolve_model_file
+from .common import (
+    CATEGORY_EDLORA,
+    PICKLE_SUFFIXES,
+    NodeError,
+    list_model_files,
+    missing_file_message,
+    resolve_model_file,
+)
 
 NODE_NAME = "ED-LoRA Convert"
 
@@ -32,16 +39,21 @@ class EDLoRAConvert(io.ComfyNode):
                     tooltip="The .pth/.pt/.bin ED-LoRA in models/loras to convert.",
                 ),
                 io.String.Input(
-                    "output_name", default="",
+                    "output_name",
+                    default="",
                     tooltip="File name for the result (.safetensors is added). Empty: the source name with "
                     ".safetensors. Conversion stops with an error rather than replace an existing file.",
                 ),
                 io.String.Input(
-                    "concept_words", default="", optional=True,
+                    "concept_words",
+                    default="",
+                    optional=True,
                     tooltip="Optional: store the concept under new prompt words, e.g. '<alice1> <alice2>'.",
                 ),
                 io.String.Input(
-                    "class_word", default="", optional=True,
+                    "class_word",
+                    default="",
+                    optional=True,
                     tooltip="Optional: the concept's class ('cat', 'woman'), stored in the file's metadata.",
                 ),
             ],

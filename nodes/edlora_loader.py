@@ -62,29 +62,43 @@ class EDLoRALoader(io.ComfyNode):
                     "tensors only) or a .safetensors made by this pack.",
                 ),
                 io.Float.Input(
-                    "strength_unet", default=0.7, min=-4.0, max=4.0, step=0.01,
+                    "strength_unet",
+                    default=0.7,
+                    min=-4.0,
+                    max=4.0,
+                    step=0.01,
                     tooltip="Scale of the UNet LoRA (Mix-of-Show's inference alpha; 0.6-0.7 is typical). "
                     "0 leaves the UNet weights untouched.",
                 ),
                 io.Float.Input(
-                    "strength_text", default=0.7, min=-4.0, max=4.0, step=0.01,
+                    "strength_text",
+                    default=0.7,
+                    min=-4.0,
+                    max=4.0,
+                    step=0.01,
                     tooltip="Scale of the text-encoder LoRA (Mix-of-Show's inference alpha). "
                     "0 leaves the text encoder weights untouched; the concept words still work.",
                 ),
                 io.String.Input(
-                    "concept_words", default="", optional=True,
+                    "concept_words",
+                    default="",
+                    optional=True,
                     tooltip="Optional: new prompt words for this concept, as many as the file has, separated by "
                     "spaces (e.g. '<alice1> <alice2>'). Empty keeps the file's words; words already used by an "
                     "earlier loader are renamed automatically (see the 'words' output).",
                 ),
                 io.String.Input(
-                    "class_word", default="", optional=True,
+                    "class_word",
+                    default="",
+                    optional=True,
                     tooltip="Optional: the concept's class ('cat', 'man', 'chair'), used by region and OMG nodes "
                     "when they need a class-only prompt. Empty uses the file's metadata, if any.",
                 ),
             ],
             outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="The model with the concept's UNet LoRA and layer-wise routing."),
+                io.Model.Output(
+                    display_name="MODEL", tooltip="The model with the concept's UNet LoRA and layer-wise routing."
+                ),
                 io.Clip.Output(display_name="CLIP", tooltip="The CLIP that understands the concept words."),
                 EDLoRAConceptType.Output(
                     display_name="concept", tooltip="The concept: its words, class word and file, for region/OMG nodes."
@@ -103,13 +117,22 @@ class EDLoRALoader(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, clip, edlora_name, strength_unet, strength_text, concept_words="", class_word="") -> io.NodeOutput:
+    def execute(
+        cls, model, clip, edlora_name, strength_unet, strength_text, concept_words="", class_word=""
+    ) -> io.NodeOutput:
         path = resolve_model_file(NODE_NAME, "loras", edlora_name, "ED-LoRA file")
         try:
             weights = load_weights(path)
             words = tuple(concept_words.split()) if concept_words and concept_words.strip() else None
             new_model, new_clip, concept = apply_edlora(
-                model, clip, weights, edlora_name, strength_unet, strength_text, words=words, class_word=class_word.strip()
+                model,
+                clip,
+                weights,
+                edlora_name,
+                strength_unet,
+                strength_text,
+                words=words,
+                class_word=class_word.strip(),
             )
         except (EDLoRAFileError, EDLoRAApplyError) as e:
             raise NodeError(NODE_NAME, str(e)) from None

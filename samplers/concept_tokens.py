@@ -98,7 +98,10 @@ def has_markers(token_dict: dict) -> bool:
 
 
 def layer_variants(
-    sections: list[list[tuple]], n_layers: int, layer_embedding: Callable[[tuple, str, int], torch.Tensor], clip_key: str
+    sections: list[list[tuple]],
+    n_layers: int,
+    layer_embedding: Callable[[tuple, str, int], torch.Tensor],
+    clip_key: str,
 ) -> list[list[tuple]]:
     """``sections`` followed by ``n_layers`` copies in which every marker carries layer ``i``'s embedding.
 

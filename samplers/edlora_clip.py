@@ -79,8 +79,7 @@ class ConceptTokenizer(_Delegating):
             else:
                 return result
         raise ValueError(
-            "could not place the concept words of this prompt (every stand-in word already occurs in it): "
-            + text[:200]
+            "could not place the concept words of this prompt (every stand-in word already occurs in it): " + text[:200]
         )
 
     def _placeholder_token_ids(self, placeholder: str) -> dict | None:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+
 from ..training.edlora_file import EDLoRAFileError, EDLoRAWeights
 from .concepts import ConceptEntry, EDLoRAConcept
 from .edlora_clip import LAYERWISE_KEY, concept_vocabulary_of, with_vocabulary
@@ -115,8 +116,11 @@ def text_encoder_patches(clip, weights: EDLoRAWeights, source: str) -> dict:
     if not pairs:
         return {}
     target_sd = clip.patcher.model.state_dict()
-    prefixes = [k[: -len("text_model.embeddings.token_embedding.weight")] for k in target_sd
-                if k.endswith("text_model.embeddings.token_embedding.weight")]
+    prefixes = [
+        k[: -len("text_model.embeddings.token_embedding.weight")]
+        for k in target_sd
+        if k.endswith("text_model.embeddings.token_embedding.weight")
+    ]
     if len(prefixes) != 1:
         raise EDLoRAApplyError(f"{source}: expected one CLIP-L text encoder in this CLIP, found {len(prefixes)}")
     prefix = prefixes[0]
@@ -149,7 +153,8 @@ def collect_layerwise_contexts(executor, *args, **kwargs):
     if ignored:
         log.warning(
             "[multi-concept] %d conditioning(s) were changed after encoding (e.g. averaged or zeroed); their "
-            "concept words use the layer-averaged embedding instead of one embedding per layer.", ignored
+            "concept words use the layer-averaged embedding instead of one embedding per layer.",
+            ignored,
         )
     if by_uuid and isinstance(getattr(guider, "model_options", None), dict):
         # guider.model_options is this run's own copy (CFGGuider.sample clones it before OUTER_SAMPLE).
@@ -221,7 +226,10 @@ def apply_edlora(
         renamed_from = weights.words
         log.warning(
             "[multi-concept] %s: concept words %s are already used by another concept in this CLIP; "
-            "use %s in prompts for this one.", source, " ".join(weights.words), " ".join(free)
+            "use %s in prompts for this one.",
+            source,
+            " ".join(weights.words),
+            " ".join(free),
         )
         weights = weights.with_words(free)
 

@@ -11,6 +11,9 @@ VENV="${MULTICONCEPT_VENV:-$HOME/.cache/multi-concept/venv-py311}"
 PY_BOOT="${PYTHON:-python3}"
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 
+# pip, minus the mirror's "Location ... is ignored" chatter; pip's own exit status is kept (pipefail).
+pip_install() { "$VENV/bin/python" -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; }
+
 is_comfy() { [ -n "$1" ] && [ -f "$1/comfy/model_patcher.py" ] && [ -f "$1/nodes.py" ]; }
 COMFY=""
 if [ -n "${COMFYUI_PATH:-}" ]; then
@@ -21,34 +24,32 @@ elif is_comfy "$HOME/comfy/ComfyUI"; then
   COMFY="$HOME/comfy/ComfyUI"
 fi
 
-# What the venv must contain; a change of any of it rebuilds the venv.
-REQ_SNAPSHOT="$(mktemp)"
-trap 'rm -f "$REQ_SNAPSHOT"' EXIT
-{
-  "$PY_BOOT" --version 2>&1
-  printf '%s\n' "${TORCH_PINS[@]}"
-  cat "$PACK_ROOT/requirements-test.txt"
-  if [ -n "$COMFY" ]; then grep -viE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~].*)?$' "$COMFY/requirements.txt"; fi
-} > "$REQ_SNAPSHOT"
-STAMP="$VENV/.multiconcept-stamp"
+# What the venv must contain. A change of the base (python, torch, test requirements) rebuilds it; ComfyUI's
+# requirements are added on top when a checkout is found (a unit-only run reuses a venv that has them).
+BASE_SNAPSHOT="$(mktemp)"; COMFY_SNAPSHOT="$(mktemp)"
+trap 'rm -f "$BASE_SNAPSHOT" "$COMFY_SNAPSHOT"' EXIT
+{ "$PY_BOOT" --version 2>&1; printf '%s\n' "${TORCH_PINS[@]}"; cat "$PACK_ROOT/requirements-test.txt"; } > "$BASE_SNAPSHOT"
+if [ -n "$COMFY" ]; then
+  grep -viE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~].*)?$' "$COMFY/requirements.txt" > "$COMFY_SNAPSHOT"
+fi
 
-if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$REQ_SNAPSHOT" "$STAMP"; then
+if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$BASE_SNAPSHOT" "$VENV/.stamp-base"; then
   echo "[test.sh] setting up the test venv at $VENV (a few minutes the first time)"
   rm -rf "$VENV"
   "$PY_BOOT" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   echo "[test.sh] installing ${TORCH_PINS[*]}"
-  "$VENV/bin/python" -m pip install -q "${TORCH_PINS[@]}"
+  pip_install "${TORCH_PINS[@]}"
   echo "[test.sh] installing requirements-test.txt"
-  "$VENV/bin/python" -m pip install -q -r "$PACK_ROOT/requirements-test.txt"
-  if [ -n "$COMFY" ]; then
-    echo "[test.sh] installing ComfyUI's requirements ($COMFY)"
-    grep -viE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~].*)?$' "$COMFY/requirements.txt" > "$VENV/.comfy-requirements.txt"
-    "$VENV/bin/python" -m pip install -q -r "$VENV/.comfy-requirements.txt"
-  fi
-  cp "$REQ_SNAPSHOT" "$STAMP"
+  pip_install -r "$PACK_ROOT/requirements-test.txt"
+  cp "$BASE_SNAPSHOT" "$VENV/.stamp-base"
 else
   echo "[test.sh] reusing the test venv at $VENV"
+fi
+if [ -n "$COMFY" ] && ! cmp -s "$COMFY_SNAPSHOT" "$VENV/.stamp-comfy"; then
+  echo "[test.sh] installing ComfyUI's requirements ($COMFY)"
+  pip_install -r "$COMFY_SNAPSHOT" "${TORCH_PINS[@]}"
+  cp "$COMFY_SNAPSHOT" "$VENV/.stamp-comfy"
 fi
 
 if [ -n "$COMFY" ]; then

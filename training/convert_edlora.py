@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     weights = read_edlora(out)
-    print(f"wrote {out}: words {' '.join(weights.words)}, {weights.layer_tokens} layer tokens, "
-          f"{len(weights.unet_lora)} UNet + {sum(len(v) for v in weights.text_encoder_lora.values())} text-encoder LoRA modules")
+    print(
+        f"wrote {out}: words {' '.join(weights.words)}, {weights.layer_tokens} layer tokens, "
+        f"{len(weights.unet_lora)} UNet + {sum(len(v) for v in weights.text_encoder_lora.values())} text-encoder LoRA modules"
+    )
     return 0
 
 

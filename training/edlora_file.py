@@ -111,7 +111,7 @@ class EDLoRAWeights:
                 f"{len(new_words)} replacement word(s) were given ({' '.join(new_words) or 'none'})"
             )
         validate_concept_words(new_words)
-        embeddings = {new: self.embeddings[old] for old, new in zip(self.words, new_words)}
+        embeddings = {new: self.embeddings[old] for old, new in zip(self.words, new_words, strict=True)}
         return replace(self, words=new_words, embeddings=embeddings)
 
 
@@ -214,7 +214,9 @@ def _weights_from_tree(raw, name: str, source_format: str, metadata: dict[str, s
 
 def _what_is_it(tree: dict) -> str:
     keys = [k for k in tree.keys() if isinstance(k, str)]
-    if any(k.startswith(("lora_unet_", "lora_te", "lora_down", "unet.", "text_encoder.")) or ".lora_" in k for k in keys):
+    if any(
+        k.startswith(("lora_unet_", "lora_te", "lora_down", "unet.", "text_encoder.")) or ".lora_" in k for k in keys
+    ):
         return " — it looks like an ordinary LoRA"
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys):
         return " — it looks like a full checkpoint"
@@ -248,7 +250,9 @@ def _read_embeddings(tree: dict, name: str) -> dict[str, dict[str, torch.Tensor]
     key_sets = {tuple(sorted(v)) for v in out.values()}
     layer_counts = {int(t.shape[0]) for v in out.values() for t in v.values()}
     if len(key_sets) != 1 or len(layer_counts) != 1:
-        raise EDLoRAFileError(f"{name}: concept words disagree in embedding tables or layer-token counts {sorted(layer_counts)}")
+        raise EDLoRAFileError(
+            f"{name}: concept words disagree in embedding tables or layer-token counts {sorted(layer_counts)}"
+        )
     return out
 
 
@@ -261,7 +265,9 @@ def _word_order(embeddings: dict, metadata: dict[str, str], name: str) -> tuple[
         except json.JSONDecodeError:
             raise EDLoRAFileError(f"{name}: metadata 'concept_words' is not a JSON list") from None
         if sorted(order) != sorted(words):
-            raise EDLoRAFileError(f"{name}: metadata 'concept_words' {order} does not match the stored embeddings {words}")
+            raise EDLoRAFileError(
+                f"{name}: metadata 'concept_words' {order} does not match the stored embeddings {words}"
+            )
         return tuple(order)
     return tuple(words)  # official files: dict order is the training order (<name1>, <name2>)
 
@@ -291,7 +297,9 @@ def _read_lora_group(table, where: str) -> dict[str, LoRAPair]:
         elif key.endswith(".lora_up.weight"):
             ups[key[: -len(".lora_up.weight")]] = tensor
         else:
-            raise EDLoRAFileError(f"{where}: unexpected key {key!r} (expected <module>.lora_down.weight / .lora_up.weight)")
+            raise EDLoRAFileError(
+                f"{where}: unexpected key {key!r} (expected <module>.lora_down.weight / .lora_up.weight)"
+            )
     if set(downs) != set(ups):
         missing = sorted(set(downs) ^ set(ups))[:3]
         raise EDLoRAFileError(f"{where}: LoRA halves without a partner (truncated file?): {missing}")

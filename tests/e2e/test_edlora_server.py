@@ -36,12 +36,16 @@ def test_single_concept_workflow_runs_on_the_server(comfy_server, tiny_checkpoin
     workflow = json.loads(WORKFLOW.read_text())
     info = comfy_server.object_info()
     assert "MultiConceptEDLoRALoader" in info
-    prompt = workflow_to_api(workflow, info, overrides={
-        "1": {"ckpt_name": tiny_checkpoint},
-        "2": {"edlora_name": "e2e_cat.safetensors"},
-        "5": {"width": 64, "height": 64},
-        "6": {"steps": 3},
-    })
+    prompt = workflow_to_api(
+        workflow,
+        info,
+        overrides={
+            "1": {"ckpt_name": tiny_checkpoint},
+            "2": {"edlora_name": "e2e_cat.safetensors"},
+            "5": {"width": 64, "height": 64},
+            "6": {"steps": 3},
+        },
+    )
     assert "<cat1> <cat2>" in prompt["3"]["inputs"]["text"]
     prompt_id = comfy_server.post_prompt(prompt)
     entry = comfy_server.wait(prompt_id, timeout=300)

@@ -67,7 +67,11 @@ def unet_key_of(model):
     import comfy.utils
 
     table = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-    return {k[: -len(".weight")]: "diffusion_model." + v[: -len(".weight")] for k, v in table.items() if k.endswith(".weight")}
+    return {
+        k[: -len(".weight")]: "diffusion_model." + v[: -len(".weight")]
+        for k, v in table.items()
+        if k.endswith(".weight")
+    }
 
 
 def assert_delta(after, before, expected, key):
@@ -100,8 +104,10 @@ def test_weights_change_by_alpha_up_down_exactly_at_listed_modules(comfy, base, 
         else:
             assert torch.equal(after_unet[k], before_unet[k]), f"{k} changed but is not an ED-LoRA module"
 
-    te_expected = {f"clip_l.transformer.{mod}.weight": expected_delta(params["text_encoder"], mod, ALPHA_TEXT)
-                   for mod in sd15_te_modules()}
+    te_expected = {
+        f"clip_l.transformer.{mod}.weight": expected_delta(params["text_encoder"], mod, ALPHA_TEXT)
+        for mod in sd15_te_modules()
+    }
     for k in before_te:
         if k in te_expected:
             assert_delta(after_te[k], before_te[k], te_expected[k], k)
@@ -146,14 +152,19 @@ class AttentionCapture:
         self.handles = []
 
     def patch(self, n, context, value, extra_options):
-        self.calls.append((extra_options["transformer_index"], list(extra_options["cond_or_uncond"]), context.detach().clone()))
+        self.calls.append(
+            (extra_options["transformer_index"], list(extra_options["cond_or_uncond"]), context.detach().clone())
+        )
         return n, context, value
 
     def hook_to_k(self, diffusion_model):
         for name, module in diffusion_model.named_modules():
             if name.endswith("attn2"):
-                self.handles.append(module.to_k.register_forward_pre_hook(
-                    lambda mod, args: self.to_k_inputs.append(args[0].detach().clone())))
+                self.handles.append(
+                    module.to_k.register_forward_pre_hook(
+                        lambda mod, args: self.to_k_inputs.append(args[0].detach().clone())
+                    )
+                )
 
     def remove(self):
         for h in self.handles:
@@ -205,7 +216,7 @@ def test_each_cross_attention_layer_sees_its_own_embedding_in_cond_rows_only(com
     for index, cond_or_uncond, context in cap.calls:
         rows = context.shape[0] // len(cond_or_uncond)
         for j, kind in enumerate(cond_or_uncond):
-            chunk = context[j * rows:(j + 1) * rows]
+            chunk = context[j * rows : (j + 1) * rows]
             if kind == 1:  # uncond rows: the negative prompt, untouched
                 assert torch.equal(chunk[0], neg_ref[0].to(chunk.dtype))
             else:
@@ -214,7 +225,7 @@ def test_each_cross_attention_layer_sees_its_own_embedding_in_cond_rows_only(com
     assert seen_layers == set(range(16))
     # what attention's key projection actually received equals what the patches handed over
     assert len(cap.to_k_inputs) == len(cap.calls)
-    assert all(torch.equal(a, b) for a, b in zip(cap.to_k_inputs, (ctx for _, _, ctx in cap.calls)))
+    assert all(torch.equal(a, b) for a, b in zip(cap.to_k_inputs, (ctx for _, _, ctx in cap.calls), strict=True))
 
     template = "a photo of {a} {b} on a sofa"
     slots = {"a": emb["<cat1>"], "b": emb["<cat2>"]}
@@ -304,9 +315,16 @@ def test_stock_lora_loader_works_in_the_same_graph(comfy, tiny_checkpoint, cat_f
         kohya[f"{k}.alpha"] = torch.tensor(4.0)
     save_file(kohya, str(loras_dir / "it_kohya.safetensors"))
     prompt = edlora_txt2img(tiny_checkpoint, [cat_file[0]], "a photo of <cat1> <cat2>")
-    prompt["20"] = {"class_type": "LoraLoader", "inputs": {
-        "model": ["10", 0], "clip": ["10", 1], "lora_name": "it_kohya.safetensors",
-        "strength_model": 1.0, "strength_clip": 1.0}}
+    prompt["20"] = {
+        "class_type": "LoraLoader",
+        "inputs": {
+            "model": ["10", 0],
+            "clip": ["10", 1],
+            "lora_name": "it_kohya.safetensors",
+            "strength_model": 1.0,
+            "strength_clip": 1.0,
+        },
+    }
     prompt["2"]["inputs"]["clip"] = ["20", 1]
     prompt["3"]["inputs"]["clip"] = ["20", 1]
     prompt["5"]["inputs"]["model"] = ["20", 0]

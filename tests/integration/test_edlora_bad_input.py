@@ -25,8 +25,10 @@ def bad_files(comfy, tmp_path_factory):
     d = comfy.models_dir / "loras"
     d.mkdir(parents=True, exist_ok=True)
     sentinel = tmp_path_factory.mktemp("evil") / "was_executed"
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320)},
-              str(d / "bad_kohya.safetensors"))
+    save_file(
+        {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320)},
+        str(d / "bad_kohya.safetensors"),
+    )
     good = official_edlora(seed=21)
     torch.save(good, d / "bad_full.pth")
     raw = (d / "bad_full.pth").read_bytes()

@@ -56,12 +56,12 @@ class InProcessComfy:
         if path in sys.path:
             sys.path.remove(path)
         sys.path.insert(0, path)
-        import comfy.options  # noqa: F401  (ComfyUI only parses argv when main.py asks it to)
-        import comfy.cli_args
+        import comfy.cli_args  # ComfyUI only parses argv when main.py asks it to
 
         comfy.cli_args.args.cpu = True
-        import utils.extra_config  # noqa: F401  must come before `nodes` (see DESIGN.md §3)
-        import folder_paths
+        # Order matters: `utils.extra_config` must be imported before `nodes` (DESIGN.md §3).
+        import folder_paths  # noqa: I001
+        import utils.extra_config  # noqa: F401
 
         for sub in ("input", "output", "temp"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -108,8 +108,9 @@ class InProcessComfy:
         prompt_id = str(uuid.uuid4())
         valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
         if not valid[0]:
-            return RunResult(False, {}, {"exception_message": str(valid[1]), "node_errors": valid[3],
-                                         "node_type": None}, [], None)
+            return RunResult(
+                False, {}, {"exception_message": str(valid[1]), "node_errors": valid[3], "node_type": None}, [], None
+            )
         server = _ServerStub()
         executor = execution.PromptExecutor(server)
         executor.execute(prompt, prompt_id, {}, outputs if outputs is not None else valid[2])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 SD15_TE_MODULES = [
-    f"text_model.encoder.layers.{i}.self_attn.{p}" for i in range(12) for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+    f"text_model.encoder.layers.{i}.self_attn.{p}"
+    for i in range(12)
+    for p in ("q_proj", "k_proj", "v_proj", "out_proj")
 ]
 
 

@@ -34,7 +34,16 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.client_id = str(uuid.uuid4())
         self.log_path = self.base_dir / "server.log"
-        for sub in ("custom_nodes", "models/checkpoints", "models/loras", "models/sams", "input", "output", "temp", "user"):
+        for sub in (
+            "custom_nodes",
+            "models/checkpoints",
+            "models/loras",
+            "models/sams",
+            "input",
+            "output",
+            "temp",
+            "user",
+        ):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         link = self.base_dir / "custom_nodes" / PACK_DIR_NAME
         if not link.exists():
@@ -46,13 +55,26 @@ class ComfyServer:
                     os.link(checkpoint, target)
                 except OSError:
                     shutil.copy2(checkpoint, target)
-        cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base_dir), "--disable-auto-launch", "--disable-api-nodes",
-               "--database-url", "sqlite:///:memory:"]
+        cmd = [
+            python,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(self.base_dir),
+            "--disable-auto-launch",
+            "--disable-api-nodes",
+            "--database-url",
+            "sqlite:///:memory:",
+        ]
         env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=self.comfy_path, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.comfy_path, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         atexit.register(self.stop)
         self._wait_ready()
 
@@ -111,8 +133,10 @@ class ComfyServer:
         while time.time() < deadline:
             r = self.get(f"/history/{prompt_id}")
             entry = r.json().get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None and (
-                entry["status"].get("status_str") in ("success", "error")
+            if (
+                entry
+                and entry.get("status", {}).get("completed") is not None
+                and (entry["status"].get("status_str") in ("success", "error"))
             ):
                 return entry
             if self.proc.poll() is not None:

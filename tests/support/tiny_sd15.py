@@ -77,7 +77,9 @@ def build_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     sd.update(clip_sd)
     for k, v in taesd.state_dict().items():
         sd[f"first_stage_model.{k}"] = v
-    return {k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous() for k, v in sd.items()}
+    return {
+        k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous() for k, v in sd.items()
+    }
 
 
 def build_tiny_sd15(path: str | os.PathLike, seed: int = 0) -> str:
