@@ -7,10 +7,12 @@ from typing_extensions import override
 
 from .edlora_convert import EDLoRAConvert
 from .edlora_loader import EDLoRALoader
+from .regions import Regions
 
 NODE_CLASSES: list[type[io.ComfyNode]] = [
     EDLoRALoader,
     EDLoRAConvert,
+    Regions,
 ]
 
 

@@ -1,0 +1,100 @@
+"""Regions: boxes with a prompt, negative prompt and label each, as REGIONS, MASK, BBOX and a preview."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from ..samplers.region_preview import draw_regions
+from ..samplers.regions import MAX_REGIONS, RegionError, parse_regions
+from .common import CATEGORY_ROOT, NodeError
+
+NODE_NAME = "Regions"
+CATEGORY_REGIONS = f"{CATEGORY_ROOT}/regions"
+log = logging.getLogger("multiconcept")
+
+RegionsType = io.Custom("REGIONS")
+BBoxType = io.Custom("BBOX")
+
+EXAMPLE = (
+    '{"version": 1, "units": "fraction", "boxes": [\n'
+    ' {"x": 0.05, "y": 0.15, "w": 0.42, "h": 0.8, "prompt": "a <cat1> <cat2>", "negative": "", "label": "cat"},\n'
+    ' {"x": 0.53, "y": 0.15, "w": 0.42, "h": 0.8, "prompt": "a <dog1> <dog2>", "negative": "", "label": "dog"}]}'
+)
+
+
+class Regions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MultiConceptRegions",
+            display_name="Regions (boxes + prompts)",
+            category=CATEGORY_REGIONS,
+            description=(
+                "Places concepts in the image: one box per concept, each with its own prompt, negative prompt and "
+                "label. Outputs the regions for the sampling nodes, one mask per box, the boxes in the BBOX "
+                "convention (x0, y0, x1, y1 pixels) that SAM2/KJNodes packs accept, and a preview."
+            ),
+            inputs=[
+                io.Int.Input(
+                    "width",
+                    default=512,
+                    min=64,
+                    max=8192,
+                    step=8,
+                    tooltip="Width of the image the boxes are placed in, in pixels (a multiple of 8).",
+                ),
+                io.Int.Input(
+                    "height",
+                    default=512,
+                    min=64,
+                    max=8192,
+                    step=8,
+                    tooltip="Height of the image the boxes are placed in, in pixels (a multiple of 8).",
+                ),
+                io.String.Input(
+                    "regions",
+                    default=EXAMPLE,
+                    multiline=True,
+                    tooltip='The boxes as JSON: {"boxes": [{"x", "y", "w", "h" as fractions of the width/'
+                    'height (top-left origin), "prompt", "negative", "label"}]}. Add "units": "px" to give '
+                    f"pixels instead. At most {MAX_REGIONS} boxes; boxes reaching outside the image are clipped.",
+                ),
+                io.Image.Input(
+                    "image",
+                    optional=True,
+                    tooltip="Optional picture to draw the boxes over in the preview (e.g. a sketch or a "
+                    "first-stage image).",
+                ),
+            ],
+            outputs=[
+                RegionsType.Output(display_name="regions", tooltip="Boxes, prompts and labels for the sampling nodes."),
+                io.Mask.Output(display_name="masks", tooltip="One mask per box at image size, in box order."),
+                BBoxType.Output(display_name="bboxes", tooltip="Boxes as [x0, y0, x1, y1] integer pixels."),
+                io.Image.Output(display_name="preview", tooltip="The boxes and labels drawn over the image."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, width, height, regions):
+        if not all(isinstance(v, int) for v in (width, height)) or not isinstance(regions, str):
+            return True  # linked inputs are checked when the node runs
+        if width % 8 or height % 8:
+            return f"{NODE_NAME}: width and height must be multiples of 8 (got {width}x{height})"
+        try:
+            parse_regions(regions, width, height)
+        except RegionError as e:
+            return f"{NODE_NAME}: {e}"
+        return True
+
+    @classmethod
+    def execute(cls, width, height, regions, image=None) -> io.NodeOutput:
+        try:
+            parsed = parse_regions(regions, width, height)
+        except RegionError as e:
+            raise NodeError(NODE_NAME, str(e)) from None
+        for warning in parsed.warnings:
+            log.warning("[multi-concept] %s: %s", NODE_NAME, warning)
+        preview = draw_regions(parsed, image)
+        return io.NodeOutput(parsed, parsed.masks(), parsed.bboxes(), preview)
