@@ -15,6 +15,8 @@ CATEGORY_REGIONS = f"{CATEGORY_ROOT}/regions"
 log = logging.getLogger("multiconcept")
 
 RegionsType = io.Custom("REGIONS")
+# The canvas widget (web/js/regions_widget.js); its value is the JSON string below.
+RegionsEditorType = io.Custom("MC_REGIONS_EDITOR")
 BBoxType = io.Custom("BBOX")
 
 EXAMPLE = (
@@ -53,13 +55,20 @@ class Regions(io.ComfyNode):
                     step=8,
                     tooltip="Height of the image the boxes are placed in, in pixels (a multiple of 8).",
                 ),
-                io.String.Input(
+                RegionsEditorType.Input(
                     "regions",
-                    default=EXAMPLE,
-                    multiline=True,
-                    tooltip='The boxes as JSON: {"boxes": [{"x", "y", "w", "h" as fractions of the width/'
-                    'height (top-left origin), "prompt", "negative", "label"}]}. Add "units": "px" to give '
-                    f"pixels instead. At most {MAX_REGIONS} boxes; boxes reaching outside the image are clipped.",
+                    tooltip="Draw a box per concept (drag on empty space); click a box to edit its label, prompt "
+                    "and negative prompt; drag it to move, drag a corner to resize, Delete removes it. Stored as "
+                    'JSON: {"boxes": [{"x", "y", "w", "h" as fractions of width/height, "prompt", "negative", '
+                    f'"label"}}]}}. At most {MAX_REGIONS} boxes; boxes reaching outside the image are clipped.',
+                    extra_dict={"default": EXAMPLE},
+                ),
+                io.String.Input(
+                    "regions_json",
+                    optional=True,
+                    force_input=True,
+                    tooltip='Optional: the boxes as JSON text from another node (same format; add "units": "px" '
+                    "for pixels). When connected it replaces the drawn boxes.",
                 ),
                 io.Image.Input(
                     "image",
@@ -77,7 +86,9 @@ class Regions(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width, height, regions):
+    def validate_inputs(cls, width, height, regions, regions_json=None):
+        if regions_json is not None:
+            regions = regions_json
         if not all(isinstance(v, int) for v in (width, height)) or not isinstance(regions, str):
             return True  # linked inputs are checked when the node runs
         if width % 8 or height % 8:
@@ -89,7 +100,11 @@ class Regions(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, width, height, regions, image=None) -> io.NodeOutput:
+    def execute(cls, width, height, regions, regions_json=None, image=None) -> io.NodeOutput:
+        if regions_json is not None:
+            regions = regions_json
+        if not isinstance(regions, str):
+            raise NodeError(NODE_NAME, f"regions must be JSON text, got {type(regions).__name__}")
         try:
             parsed = parse_regions(regions, width, height)
         except RegionError as e:

@@ -52,6 +52,17 @@ if [ -n "$COMFY" ] && ! cmp -s "$COMFY_SNAPSHOT" "$VENV/.stamp-comfy"; then
   cp "$COMFY_SNAPSHOT" "$VENV/.stamp-comfy"
 fi
 
+# The widget tests drive Debian's Chromium (no browser download); install it when we may.
+if [ -n "$COMFY" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[test.sh] installing Debian's chromium for the browser tests"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+      || echo "[test.sh] could not install chromium; the browser tests will be skipped"
+  else
+    echo "[test.sh] chromium not found and not root: the browser tests will be skipped (apt-get install chromium)"
+  fi
+fi
+
 if [ -n "$COMFY" ]; then
   export COMFYUI_PATH="$COMFY"
   echo "[test.sh] ComfyUI: $COMFY"
