@@ -103,6 +103,17 @@ def test_draw_edit_queue_save_reload(page, comfy_server):
     assert second["x"] > 0.5 and second["prompt"] == "a <dog1> <dog2> running" and second["label"] == "dog"
     assert second["negative"] == "cartoon" and first["color"] != second["color"]
 
+    # move the first box right by dragging its middle, then resize it from its bottom-right corner
+    drag(page, box, (0.25, 0.5), (0.30, 0.5))
+    moved = json.loads(page.evaluate(WIDGET_VALUE, node_id))["boxes"][0]
+    assert moved["x"] > first["x"] + 0.03 and moved["w"] == first["w"] and moved["y"] == first["y"]
+    corner = (moved["x"] + moved["w"], moved["y"] + moved["h"])
+    drag(page, box, corner, (corner[0] + 0.02, corner[1] - 0.2))
+    resized = json.loads(page.evaluate(WIDGET_VALUE, node_id))["boxes"][0]
+    assert resized["x"] == moved["x"] and resized["h"] < moved["h"] - 0.15 and resized["w"] > moved["w"]
+    state = json.loads(page.evaluate(WIDGET_VALUE, node_id))
+    page.screenshot(path=str(OUT / "regions_widget_moved.png"))
+
     # queue it the way the Queue button does; the backend must receive exactly these boxes
     sent = page.evaluate("async () => (await app.graphToPrompt()).output")
     assert json.loads(sent[str(node_id)]["inputs"]["regions"]) == state
