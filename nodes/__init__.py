@@ -8,11 +8,14 @@ from typing_extensions import override
 from .edlora_convert import EDLoRAConvert
 from .edlora_loader import EDLoRALoader
 from .regions import Regions
+from .sam import SAMLoader, SAMMasks
 
 NODE_CLASSES: list[type[io.ComfyNode]] = [
     EDLoRALoader,
     EDLoRAConvert,
     Regions,
+    SAMLoader,
+    SAMMasks,
 ]
 
 

@@ -185,3 +185,26 @@ def test_bad_edit_is_refused_and_boxes_stay(page):
     page.mouse.click(box["x"] + 0.2 * box["width"], box["y"] + 0.2 * box["height"])
     page.keyboard.press("Delete")
     assert json.loads(page.evaluate(WIDGET_VALUE, node_id))["boxes"] == []
+
+
+def test_shipped_workflows_load_in_the_frontend(page, comfy_server):
+    """Each workflows/*.json loads in the real frontend and converts to the prompt our e2e tests send."""
+    from tests.support.workflow_api import workflow_to_api
+
+    info = comfy_server.object_info()
+    for path in sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json")):
+        workflow = json.loads(path.read_text())
+        page.evaluate("async (wf) => { app.graph.clear(); await app.loadGraphData(wf); }", workflow)
+        page.wait_for_timeout(500)
+        sent = page.evaluate("async () => (await app.graphToPrompt()).output")
+        ours = workflow_to_api(workflow, info)
+        assert set(sent) == set(ours), path.name
+        for node_id, node in ours.items():
+            assert sent[node_id]["class_type"] == node["class_type"]
+            for name, value in node["inputs"].items():
+                got = sent[node_id]["inputs"].get(name)
+                if name == "regions" and isinstance(value, str):
+                    assert json.loads(got) == json.loads(value), (path.name, node_id)
+                else:
+                    assert got == value, (path.name, node_id, name)
+        page.screenshot(path=str(OUT / f"workflow_{path.stem}.png"))

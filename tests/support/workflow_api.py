@@ -7,11 +7,14 @@ values are matched to inputs in the order /object_info lists them; an INT with c
 
 from __future__ import annotations
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "MC_REGIONS_EDITOR"}  # + this pack's canvas widget
 
 
 def _is_widget(spec) -> bool:
     kind = spec[0]
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if opts.get("forceInput"):
+        return False
     return isinstance(kind, list) or kind in WIDGET_TYPES
 
 
