@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 CATEGORY_ROOT = "multi-concept"
 CATEGORY_EDLORA = f"{CATEGORY_ROOT}/ED-LoRA"
+CATEGORY_REGIONS = f"{CATEGORY_ROOT}/regions"
 
 # A loaded concept: its prompt words, class word and source file (samplers.concepts.EDLoRAConcept).
 EDLoRAConceptType = io.Custom("EDLORA_CONCEPT")
@@ -41,6 +42,15 @@ def missing_file_message(name: str, folder: str, what: str) -> str:
         f"{what} '{name}' was not found in models/{folder} (searched: {places}). "
         f"Put the file in that folder, then refresh the node list (press R) and pick it."
     )
+
+
+def check_model_file(node: str, folder: str, name: str, what: str) -> bool | str:
+    """For ``validate_inputs``: True, or ComfyUI's bare "value not in list" replaced by where the file goes."""
+    import folder_paths
+
+    if not name or folder_paths.get_full_path(folder, name) is None:
+        return f"{node}: " + missing_file_message(name, folder, what)
+    return True
 
 
 def resolve_model_file(node: str, folder: str, name: str, what: str) -> str:

@@ -12,8 +12,8 @@ from .common import (
     CATEGORY_EDLORA,
     PICKLE_SUFFIXES,
     NodeError,
+    check_model_file,
     list_model_files,
-    missing_file_message,
     resolve_model_file,
 )
 
@@ -63,11 +63,7 @@ class EDLoRAConvert(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, edlora_name):
-        import folder_paths
-
-        if not edlora_name or folder_paths.get_full_path("loras", edlora_name) is None:
-            return f"{NODE_NAME}: " + missing_file_message(edlora_name, "loras", "ED-LoRA file")
-        return True
+        return check_model_file(NODE_NAME, "loras", edlora_name, "ED-LoRA file")
 
     @classmethod
     def execute(cls, edlora_name, output_name, concept_words="", class_word="") -> io.NodeOutput:

@@ -14,8 +14,8 @@ from .common import (
     EDLORA_SUFFIXES,
     EDLoRAConceptType,
     NodeError,
+    check_model_file,
     list_model_files,
-    missing_file_message,
     resolve_model_file,
 )
 
@@ -109,12 +109,7 @@ class EDLoRALoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, edlora_name):
-        # Replaces ComfyUI's bare "value not in list" with where the file should go.
-        import folder_paths
-
-        if not edlora_name or folder_paths.get_full_path("loras", edlora_name) is None:
-            return f"{NODE_NAME}: " + missing_file_message(edlora_name, "loras", "ED-LoRA file")
-        return True
+        return check_model_file(NODE_NAME, "loras", edlora_name, "ED-LoRA file")
 
     @classmethod
     def execute(

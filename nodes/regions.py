@@ -8,10 +8,9 @@ from comfy_api.latest import io
 
 from ..samplers.region_preview import draw_regions
 from ..samplers.regions import MAX_REGIONS, RegionError, parse_regions
-from .common import CATEGORY_ROOT, NodeError
+from .common import CATEGORY_REGIONS, NodeError
 
 NODE_NAME = "Regions"
-CATEGORY_REGIONS = f"{CATEGORY_ROOT}/regions"
 log = logging.getLogger("multiconcept")
 
 RegionsType = io.Custom("REGIONS")

@@ -10,10 +10,9 @@ import torch
 from comfy_api.latest import io
 
 from ..samplers.sam_masks import SamFileError, dilate, feather, keep_inside_box, load_sam, masks_for_boxes
-from .common import CATEGORY_ROOT, NodeError, list_model_files, missing_file_message, resolve_model_file
+from .common import CATEGORY_REGIONS, NodeError, check_model_file, list_model_files, resolve_model_file
 from .regions import BBoxType, RegionsType
 
-CATEGORY_REGIONS = f"{CATEGORY_ROOT}/regions"
 SAM_SUFFIXES = (".pth", ".pt", ".safetensors")
 log = logging.getLogger("multiconcept")
 
@@ -87,11 +86,7 @@ class SAMLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sam_name):
-        import folder_paths
-
-        if not sam_name or folder_paths.get_full_path("sams", sam_name) is None:
-            return f"{cls.NAME}: " + missing_file_message(sam_name, "sams", "SAM checkpoint")
-        return True
+        return check_model_file(cls.NAME, "sams", sam_name, "SAM checkpoint")
 
     @classmethod
     def execute(cls, sam_name) -> io.NodeOutput:

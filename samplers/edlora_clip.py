@@ -29,9 +29,19 @@ LAYERWISE_KEY = "multiconcept_layerwise"
 
 
 class _Delegating:
-    """Forwards every attribute it does not define to the wrapped object."""
+    """Wraps a ComfyUI object for one vocabulary; forwards every attribute it does not define."""
 
-    _wrapped_attr = "_base"
+    def __init__(self, base, vocab: ConceptVocabulary):
+        self._base = base
+        self._vocab = vocab
+
+    @property
+    def base(self):
+        return self._base
+
+    @property
+    def vocabulary(self) -> ConceptVocabulary:
+        return self._vocab
 
     def __getattr__(self, name):
         # Never resolve private/dunder names through the wrapped object while it is not set yet
@@ -45,17 +55,8 @@ class ConceptTokenizer(_Delegating):
     """Wraps a ComfyUI tokenizer (e.g. ``SD1Tokenizer``); concept words become marker tokens."""
 
     def __init__(self, base, vocab: ConceptVocabulary):
-        self._base = base
-        self._vocab = vocab
+        super().__init__(base, vocab)
         self._placeholder_ids: dict[str, dict | None] = {}
-
-    @property
-    def base(self):
-        return self._base
-
-    @property
-    def vocabulary(self) -> ConceptVocabulary:
-        return self._vocab
 
     def tokenize_with_weights(self, text: str, return_word_ids=False, **kwargs):
         words = self._vocab.words()
@@ -101,18 +102,6 @@ class ConceptTokenizer(_Delegating):
 
 class ConceptTextEncoder(_Delegating):
     """Wraps a ComfyUI text encoder (``cond_stage_model``); adds the layer-wise contexts."""
-
-    def __init__(self, base, vocab: ConceptVocabulary):
-        self._base = base
-        self._vocab = vocab
-
-    @property
-    def base(self):
-        return self._base
-
-    @property
-    def vocabulary(self) -> ConceptVocabulary:
-        return self._vocab
 
     def encode_token_weights(self, token_weight_pairs):
         num_layers = self._vocab.num_layers
