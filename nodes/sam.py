@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from comfy_api.latest import io
 
-from ..samplers.sam_masks import SamFileError, dilate, feather, keep_inside_box, load_sam, masks_for_boxes
+from ..samplers.sam_masks import SamFileError, dilate, feather, load_sam, masks_for_boxes
+from ..samplers.sam_masks import keep_inside_box as cut_to_box
 from .common import CATEGORY_REGIONS, NodeError, check_model_file, list_model_files, resolve_model_file
 from .regions import BBoxType, RegionsType
 
@@ -195,7 +196,7 @@ class SAMMasks(io.ComfyNode):
             for mask, box in zip(masks, per_image[i], strict=True):
                 mask = feather(dilate(mask, dilation_px), feather_px)
                 if keep_inside_box:
-                    mask = keep_inside_box_fn(mask, box)
+                    mask = cut_to_box(mask, box)
                 cleaned.append(mask)
             stacked = torch.stack(cleaned)
             first = stacked if first is None else first
@@ -203,6 +204,3 @@ class SAMMasks(io.ComfyNode):
             pbar.update_absolute(i + 1, n)
         new_regions = regions.with_masks(first) if regions is not None else None
         return io.NodeOutput(torch.cat(out), new_regions)
-
-
-keep_inside_box_fn = keep_inside_box  # the node's boolean input shadows the name inside execute()
