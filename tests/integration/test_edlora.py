@@ -331,3 +331,37 @@ def test_stock_lora_loader_works_in_the_same_graph(comfy, tiny_checkpoint, cat_f
     result = comfy.run(prompt)
     assert result.success, result.error
     assert torch.isfinite(comfy.output_value(result, "6")).all()
+
+
+def test_routing_works_with_a_custom_guider(comfy, base, cat_file):
+    """SamplerCustomAdvanced's path: a CFGGuider sampled directly, not through KSampler."""
+    import importlib
+
+    import nodes
+
+    samplers = importlib.import_module("comfy.samplers")
+    model, clip, _ = base
+    name, params = cat_file
+    m, c, _, _ = load_edlora(comfy, model, clip, name)
+    positive = nodes.CLIPTextEncode().encode(c, "a photo of <cat1> <cat2> on a sofa")[0]
+    negative = nodes.CLIPTextEncode().encode(c, "blurry, lowres")[0]
+    cap = AttentionCapture()
+    m2 = m.clone()
+    m2.set_model_attn2_patch(cap.patch)
+    guider = samplers.CFGGuider(m2)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(4.0)
+    sigmas = samplers.calculate_sigmas(m2.get_model_object("model_sampling"), "normal", 2)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    guider.sample(noise, torch.zeros(1, 4, 8, 8), samplers.sampler_object("euler"), sigmas, seed=0)
+    emb = params["new_concept_embedding"]
+    slots = {"a": emb["<cat1>"], "b": emb["<cat2>"]}
+    checked = set()
+    for index, cond_or_uncond, context in cap.calls:
+        rows = context.shape[0] // len(cond_or_uncond)
+        got = context[cond_or_uncond.index(0) * rows]
+        if index in (0, 6, 15) and index not in checked:
+            want = reference_layer_encoding(c, "a photo of {a} {b} on a sofa", slots, index)[0]
+            assert torch.allclose(got, want, atol=1e-4), f"layer {index}"
+            checked.add(index)
+    assert checked == {0, 6, 15}
