@@ -60,6 +60,9 @@ def test_workflow_is_listed_in_the_template_browser(comfy_server):
     assert "edlora_single_concept" in templates.get(PACK_DIR_NAME, [])
     served = comfy_server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/edlora_single_concept.json")
     assert served.status_code == 200 and served.json()["nodes"]
+    for name in templates[PACK_DIR_NAME]:  # the template browser shows <name>.jpg as the card picture
+        thumb = comfy_server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg")
+        assert thumb.status_code == 200 and thumb.content[:3] == b"\xff\xd8\xff", name
 
 
 def test_every_node_has_a_help_page_and_tooltips(comfy_server):
