@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -30,11 +31,31 @@ def _register_sams_folder():
 _register_sams_folder()
 
 
+class _SamContainer(torch.nn.Module):
+    """ModelPatcher writes bookkeeping attributes (e.g. ``device``) on its module; Sam's are read-only."""
+
+    def __init__(self, sam: torch.nn.Module):
+        super().__init__()
+        self.sam = sam
+
+
 @dataclass
 class SamHandle:
-    model: torch.nn.Module
+    """The loaded SAM behind a ModelPatcher, so ComfyUI's memory management loads and offloads it."""
+
+    patcher: object
     architecture: str
     file: str
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.patcher.model.sam
+
+    def load(self) -> torch.nn.Module:
+        import comfy.model_management
+
+        comfy.model_management.load_model_gpu(self.patcher)
+        return self.patcher.model.sam
 
 
 def read_state_dict(path: str, node: str) -> dict:
@@ -92,6 +113,7 @@ class SAMLoader(io.ComfyNode):
     @classmethod
     def execute(cls, sam_name) -> io.NodeOutput:
         import comfy.model_management
+        import comfy.model_patcher
 
         path = resolve_model_file(cls.NAME, "sams", sam_name, "SAM checkpoint")
         sd = read_state_dict(path, cls.NAME)
@@ -99,9 +121,13 @@ class SAMLoader(io.ComfyNode):
             sam, spec = load_sam(sd)
         except SamFileError as e:
             raise NodeError(cls.NAME, f"{sam_name}: {e}. Put a segment-anything checkpoint in models/sams.") from None
-        sam = sam.to(comfy.model_management.get_torch_device(), dtype=torch.float32)
+        offload = comfy.model_management.unet_offload_device()
+        sam = sam.to(offload, dtype=torch.float32)  # fp32: SAM's mask decoder is sensitive to half precision
+        patcher = comfy.model_patcher.ModelPatcher(
+            _SamContainer(sam), load_device=comfy.model_management.get_torch_device(), offload_device=offload
+        )
         log.info("[multi-concept] SAM %s loaded from %s", spec.name, sam_name)
-        return io.NodeOutput(SamHandle(sam, spec.name, sam_name))
+        return io.NodeOutput(SamHandle(patcher, spec.name, sam_name))
 
 
 def _boxes_per_image(bboxes, n_images: int) -> list[list[list[float]]]:
@@ -112,6 +138,30 @@ def _boxes_per_image(bboxes, n_images: int) -> list[list[list[float]]]:
         per = [list(map(list, b)) for b in bboxes]  # one list of boxes per image
         return [per[min(i, len(per) - 1)] for i in range(n_images)]
     return [[list(b) for b in bboxes] for _ in range(n_images)]
+
+
+def _check_boxes(node: str, per_image: list, width: int, height: int) -> list[list[list[float]]]:
+    """Every box must be 4 finite numbers with a positive area that overlaps the image."""
+    checked = []
+    for i, boxes in enumerate(per_image):
+        row = []
+        for j, b in enumerate(boxes):
+            where = f"box {j + 1}" + (f" of image {i + 1}" if len(per_image) > 1 else "")
+            try:
+                x0, y0, x1, y1 = (float(v) for v in b)
+            except (TypeError, ValueError):
+                raise NodeError(
+                    node, f"{where} is {b!r}, not [x0, y0, x1, y1]. Give each box as four pixel numbers."
+                ) from None
+            if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
+                raise NodeError(node, f"{where} {b!r} has no area. Give x1 > x0 and y1 > y0 in pixels.")
+            if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+                raise NodeError(
+                    node, f"{where} {b!r} lies outside the {width}x{height} image. Move it inside the image."
+                )
+            row.append([x0, y0, x1, y1])
+        checked.append(row)
+    return checked
 
 
 class SAMMasks(io.ComfyNode):
@@ -185,20 +235,24 @@ class SAMMasks(io.ComfyNode):
         elif bboxes is not None:
             per_image = _boxes_per_image(bboxes, n)
         else:
-            raise NodeError(cls.NAME, "connect either regions (from the Regions node) or bboxes")
+            raise NodeError(
+                cls.NAME, "neither regions nor bboxes is connected. Connect the Regions node (or a BBOX list)."
+            )
         if not any(per_image):
-            raise NodeError(cls.NAME, "there are no boxes to segment: draw at least one box")
+            raise NodeError(cls.NAME, "there are no boxes to segment. Draw at least one box in the Regions node.")
+        per_image = _check_boxes(cls.NAME, per_image, w, h)
+        model = sam.load()
         pbar = comfy.utils.ProgressBar(n)
         out, first = [], None
         for i in range(n):
-            masks, _ = masks_for_boxes(sam.model, image[i], per_image[i], multimask=multimask)
+            masks, _ = masks_for_boxes(model, image[i], per_image[i], multimask=multimask)
             cleaned = []
             for mask, box in zip(masks, per_image[i], strict=True):
                 mask = feather(dilate(mask, dilation_px), feather_px)
                 if keep_inside_box:
                     mask = cut_to_box(mask, box)
                 cleaned.append(mask)
-            stacked = torch.stack(cleaned)
+            stacked = torch.stack(cleaned) if cleaned else torch.zeros(0, h, w)
             first = stacked if first is None else first
             out.append(stacked)
             pbar.update_absolute(i + 1, n)

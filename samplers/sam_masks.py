@@ -18,6 +18,13 @@ KNOWN = {  # (embed_dim, depth) -> name, as segment_anything's build_sam defines
     (1024, 24): "vit_l",
     (1280, 32): "vit_h",
 }
+KNOWN_HEADS = {"vit_b": 12, "vit_l": 16, "vit_h": 16}
+DEFAULT_WINDOW = 14
+
+
+def default_global_indexes(depth: int) -> tuple[int, ...]:
+    """build_sam's pattern: the last block of each quarter (vit_b 2,5,8,11; vit_l 5,11,17,23; vit_h 7,15,23,31)."""
+    return tuple(sorted({k * depth // 4 - 1 for k in range(1, 5)} - {-1}))
 
 
 class SamFileError(ValueError):
@@ -42,6 +49,7 @@ class SamSpec:
     iou_head_depth: int
     iou_head_hidden_dim: int
     mlp_ratio: float = 4.0
+    use_rel_pos: bool = True
 
 
 def _need(sd: dict, key: str) -> torch.Tensor:
@@ -69,16 +77,25 @@ def detect_sam_architecture(sd: dict) -> SamSpec:
     pos = _need(sd, "image_encoder.pos_embed")
     grid = int(pos.shape[1])
     img_size = grid * patch
-    rel0 = _need(sd, "image_encoder.blocks.0.attn.rel_pos_h")
-    head_dim = int(rel0.shape[1])
-    global_idx, window = [], None
-    for i in range(depth):
-        rel = _need(sd, f"image_encoder.blocks.{i}.attn.rel_pos_h")
-        size = (int(rel.shape[0]) + 1) // 2
-        if size == grid:
-            global_idx.append(i)
-        else:
-            window = size
+    name = KNOWN.get((embed_dim, depth), "custom")
+    use_rel_pos = "image_encoder.blocks.0.attn.rel_pos_h" in sd
+    if use_rel_pos:
+        # rel_pos_h is [2 * side - 1, head_dim]: side = grid for global blocks, the window size otherwise.
+        num_heads = embed_dim // int(sd["image_encoder.blocks.0.attn.rel_pos_h"].shape[1])
+        global_idx, window = [], None
+        for i in range(depth):
+            rel = _need(sd, f"image_encoder.blocks.{i}.attn.rel_pos_h")
+            size = (int(rel.shape[0]) + 1) // 2
+            if size == grid:
+                global_idx.append(i)
+            else:
+                window = size
+        global_idx = tuple(global_idx)
+    else:
+        # No shapes tell heads or windows apart: official values, else head_dim 64 and build_sam's spacing.
+        _need(sd, "image_encoder.blocks.0.attn.qkv.weight")
+        num_heads = KNOWN_HEADS.get(name) or (embed_dim // 64 if embed_dim % 64 == 0 else 1)
+        global_idx, window = default_global_indexes(depth), None
     out_chans = int(_need(sd, "image_encoder.neck.0.weight").shape[0])
     mask_in = int(_need(sd, "prompt_encoder.mask_downscaling.3.weight").shape[0])
     dec_layers = {int(m.group(1)) for k in sd if (m := re.match(r"mask_decoder\.transformer\.layers\.(\d+)\.", k))}
@@ -89,16 +106,15 @@ def detect_sam_architecture(sd: dict) -> SamSpec:
     }
     iou_hidden = int(_need(sd, "mask_decoder.iou_prediction_head.layers.0.weight").shape[0])
     mlp_ratio = int(_need(sd, "image_encoder.blocks.0.mlp.lin1.weight").shape[0]) / embed_dim
-    name = KNOWN.get((embed_dim, depth), "custom")
     return SamSpec(
         name=name,
         embed_dim=embed_dim,
         depth=depth,
-        num_heads=embed_dim // head_dim,
+        num_heads=num_heads,
         patch_size=patch,
         img_size=img_size,
-        window_size=window or 14,
-        global_attn_indexes=tuple(global_idx),
+        window_size=window or DEFAULT_WINDOW,
+        global_attn_indexes=global_idx,
         out_chans=out_chans,
         mask_in_chans=mask_in,
         decoder_depth=len(dec_layers),
@@ -107,10 +123,18 @@ def detect_sam_architecture(sd: dict) -> SamSpec:
         iou_head_depth=len(iou_layers),
         iou_head_hidden_dim=iou_hidden,
         mlp_ratio=mlp_ratio,
+        use_rel_pos=use_rel_pos,
     )
 
 
-def build_sam(spec: SamSpec):
+def build_sam(spec_or_state_dict):
+    """A segment_anything ``Sam``: empty from a ``SamSpec``, or detected and strictly loaded from a state dict."""
+    if not isinstance(spec_or_state_dict, SamSpec):
+        return load_sam(spec_or_state_dict)[0]
+    return _build_empty(spec_or_state_dict)
+
+
+def _build_empty(spec: SamSpec):
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     grid = spec.img_size // spec.patch_size
@@ -124,7 +148,7 @@ def build_sam(spec: SamSpec):
             num_heads=spec.num_heads,
             patch_size=spec.patch_size,
             qkv_bias=True,
-            use_rel_pos=True,
+            use_rel_pos=spec.use_rel_pos,
             global_attn_indexes=spec.global_attn_indexes,
             window_size=spec.window_size,
             out_chans=spec.out_chans,
@@ -153,7 +177,7 @@ def load_sam(sd: dict):
     """``(Sam module in eval mode, SamSpec)`` from a state dict; strict loading catches wrong files."""
     sd = strip_prefix(sd)
     spec = detect_sam_architecture(sd)
-    sam = build_sam(spec)
+    sam = _build_empty(spec)
     try:
         sam.load_state_dict(sd, strict=True)
     except RuntimeError as e:
@@ -171,6 +195,10 @@ def masks_for_boxes(sam, image: torch.Tensor, boxes: list, multimask: bool = Tru
     """
     from segment_anything import SamPredictor
 
+    image = torch.as_tensor(image)
+    h, w = int(image.shape[0]), int(image.shape[1])
+    if len(boxes) == 0:
+        return torch.zeros(0, h, w), torch.zeros(0)
     if image.dtype != torch.uint8:
         image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
     np_image = image[..., :3].cpu().numpy()

@@ -1,10 +1,14 @@
 """SAM: architecture from shapes, batched box prompts, mask clean-up maths."""
 
+import math
+
 import pytest
 import torch
 
 from multiconcept.samplers.sam_masks import (
     SamFileError,
+    build_sam,
+    default_global_indexes,
     detect_sam_architecture,
     dilate,
     feather,
@@ -104,3 +108,74 @@ def test_keep_inside_box_zeroes_outside():
     m = torch.ones(6, 6)
     k = keep_inside_box(m, (1.5, 2, 4, 5.2))
     assert k.sum() == 3 * 4 and k[2:6, 1:4].min() == 1  # rounded outward: x 1..4, y 2..6
+
+
+def test_without_rel_pos_the_official_layout_is_assumed():
+    sd = synthetic_state_dict(1280, 32, 16, ())
+    for k in [k for k in sd if "rel_pos" in k]:
+        del sd[k]
+    with pytest.raises(SamFileError, match="qkv"):
+        detect_sam_architecture(sd)
+    sd["image_encoder.blocks.0.attn.qkv.weight"] = torch.empty(3 * 1280, 1280)
+    spec = detect_sam_architecture(sd)
+    assert (spec.name, spec.num_heads, spec.global_attn_indexes, spec.use_rel_pos) == (
+        "vit_h",
+        16,
+        (7, 15, 23, 31),
+        False,
+    )
+    assert default_global_indexes(12) == (2, 5, 8, 11) and default_global_indexes(24) == (5, 11, 17, 23)
+    assert default_global_indexes(8) == (1, 3, 5, 7) and default_global_indexes(2) == (0, 1)
+
+
+def test_build_sam_from_a_state_dict_loads_the_weights():
+    from segment_anything.modeling import Sam
+
+    reference = build_tiny_sam(seed=3)
+    sam = build_sam(reference.state_dict())
+    assert isinstance(sam, Sam) and sam.image_encoder.img_size == 256
+    for (k, a), b in zip(reference.state_dict().items(), sam.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_feather_exact_values_on_a_step():
+    m = torch.zeros(3, 9)
+    m[:, :4] = 1
+    f = feather(m, 1)  # sigma 0.5: kernel [e^-2, 1, e^-2] / (1 + 2 e^-2), edges replicated
+    z = 1 + 2 * math.exp(-2)
+    expected = torch.tensor([1, 1, 1, (1 + math.exp(-2)) / z, math.exp(-2) / z, 0, 0, 0, 0], dtype=torch.float32)
+    for row in f:
+        assert torch.allclose(row, expected, atol=1e-6)
+
+
+def test_dilate_and_erode_exact_on_a_block():
+    m = torch.zeros(8, 8)
+    m[2:6, 2:6] = 1  # 4x4 block
+    assert dilate(m, 2).sum() == 64 and dilate(m, 1).sum() == 36 and dilate(m, 1)[1:7, 1:7].min() == 1
+    eroded = dilate(m, -1)
+    assert eroded.sum() == 4 and eroded[3:5, 3:5].min() == 1
+    assert dilate(m, -2).sum() == 0
+    assert torch.equal(dilate(torch.stack([m, m]), 1)[1], dilate(m, 1))  # batched [N, H, W]
+
+
+def test_masks_for_boxes_uint8_single_mask_and_no_boxes():
+    sam, _ = load_sam(build_tiny_sam().state_dict())
+    image = torch.rand(40, 40, 3, generator=torch.Generator().manual_seed(1))
+    as_uint8 = (image * 255).round().to(torch.uint8)
+    a, _ = masks_for_boxes(sam, image, [[2, 2, 20, 30]], multimask=False)
+    b, _ = masks_for_boxes(sam, as_uint8, [[2, 2, 20, 30]], multimask=False)
+    assert a.shape == (1, 40, 40) and torch.equal(a, b)
+    empty, scores = masks_for_boxes(sam, image, [])
+    assert empty.shape == (0, 40, 40) and scores.shape == (0,)
+
+
+def test_clean_up_chain_never_leaves_the_box():
+    sam, _ = load_sam(build_tiny_sam().state_dict())
+    image = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(2))
+    box = [10.5, 12, 40, 50.2]
+    masks, _ = masks_for_boxes(sam, image, [box])
+    m = keep_inside_box(feather(dilate(masks[0], 8), 4), box)
+    assert m.min() >= 0 and m.max() <= 1
+    outside = m.clone()
+    outside[12:51, 10:40] = 0
+    assert outside.sum() == 0
