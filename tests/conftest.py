@@ -1,16 +1,34 @@
-"""Test harness: markers by folder, ComfyUI discovery, the session's ComfyUI, checkpoint and server."""
+"""Test harness: markers by folder, ComfyUI discovery, the session's ComfyUI, checkpoint and server.
+
+* tests/unit        -> marker ``unit``: pure torch, always run (the pack is importable as ``multiconcept``).
+* tests/integration -> marker ``integration``: real ComfyUI in-process (fixture ``comfy``).
+* tests/e2e         -> marker ``e2e``: a real ComfyUI server over HTTP (fixture ``comfy_server``).
+
+Without a ComfyUI checkout (see tests/support/locate.py) integration and e2e tests are skipped with one
+reason, printed in the header; the closing summary says how many ran and how many were skipped for want of it.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.locate import PACK_ROOT, SKIP_REASON, comfyui_version, find_comfyui
+_TESTS_DIR = Path(__file__).resolve().parent
+_PACK_ROOT = _TESTS_DIR.parent
+# `tests.support` must be importable however pytest was started (`python -m pytest` adds the cwd, plain
+# `pytest` does not). ComfyUI has a `tests` package of its own, so this has to happen before ComfyUI is set up.
+if str(_PACK_ROOT) not in sys.path:
+    sys.path.insert(0, str(_PACK_ROOT))
+
+from tests.support.locate import PACK_ROOT, SKIP_REASON, comfyui_version, find_comfyui  # noqa: E402
 
 COMFY_PATH = find_comfyui()
+COMFY_VERSION = comfyui_version(COMFY_PATH) if COMFY_PATH else None
+KINDS = ("unit", "integration", "e2e")
 COMFY_MARKERS = ("integration", "e2e")
 TINY_CKPT = "mc_tiny_sd15.safetensors"
 
@@ -18,25 +36,40 @@ TINY_CKPT = "mc_tiny_sd15.safetensors"
 def _alias_pack_as_multiconcept():
     """Make the pack importable as ``multiconcept`` without ComfyUI (its __init__ imports nothing of it)."""
     if "multiconcept" in sys.modules:
-        return
+        return sys.modules["multiconcept"]
     spec = importlib.util.spec_from_file_location(
         "multiconcept", PACK_ROOT / "__init__.py", submodule_search_locations=[str(PACK_ROOT)]
     )
     module = importlib.util.module_from_spec(spec)
     sys.modules["multiconcept"] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["multiconcept"]
+        raise
+    return module
 
 
 _alias_pack_as_multiconcept()
 
 
+# ------------------------------------------------------------------------------- markers and skips
+
+
+def _kind_of(path: Path) -> str | None:
+    try:
+        first = Path(path).resolve().relative_to(_TESTS_DIR).parts[0]
+    except (ValueError, IndexError):
+        return None
+    return first if first in KINDS else None
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=SKIP_REASON)
     for item in items:
-        parts = Path(str(item.fspath)).parts
-        for kind in ("unit", "integration", "e2e"):
-            if kind in parts:
-                item.add_marker(getattr(pytest.mark, kind))
+        kind = _kind_of(item.path)
+        if kind is not None and item.get_closest_marker(kind) is None:
+            item.add_marker(getattr(pytest.mark, kind))
         if COMFY_PATH is None and any(item.get_closest_marker(m) for m in COMFY_MARKERS):
             item.add_marker(skip)
 
@@ -44,40 +77,77 @@ def pytest_collection_modifyitems(config, items):
 def pytest_report_header(config):
     if COMFY_PATH is None:
         return [SKIP_REASON]
-    return [f"ComfyUI {comfyui_version(COMFY_PATH)} at {COMFY_PATH}"]
+    return [f"ComfyUI {COMFY_VERSION} found at {COMFY_PATH} (integration and e2e tests run against it)"]
 
 
-_outcomes: dict[str, dict[str, int]] = {}
+# ---------------------------------------------------------------------------------- the summary
+
+_results: dict[str, dict] = {}  # nodeid -> {"kind": "comfy"|"unit"|"other", "outcome": ..., "want": bool}
+_timings: dict[str, float] = {}
 
 
 def pytest_runtest_logreport(report):
-    item_kind = "comfy" if any(k in report.keywords for k in COMFY_MARKERS) else "unit"
-    counts = _outcomes.setdefault(item_kind, {"passed": 0, "failed": 0, "skipped": 0})
-    if report.when == "call" and not report.skipped:
-        counts["passed" if report.passed else "failed"] += 1
-    elif report.skipped and report.when in ("setup", "call"):
-        counts["skipped"] += 1
-    elif report.failed and report.when == "setup":
-        counts["failed"] += 1
+    kw = report.keywords
+    kind = "comfy" if any(m in kw for m in COMFY_MARKERS) else "unit" if "unit" in kw else "other"
+    entry = _results.setdefault(report.nodeid, {"kind": kind, "outcome": None, "want": False})
+    if report.skipped and not hasattr(report, "wasxfail"):
+        if entry["outcome"] is None:
+            entry["outcome"] = "skipped"
+            entry["want"] = SKIP_REASON in str(report.longrepr)
+    elif report.failed:
+        entry["outcome"] = "failed"
+    elif report.when == "call" and entry["outcome"] is None:
+        entry["outcome"] = "passed"  # passed, xfailed or xpassed: it ran
+
+
+def _count(kind: str) -> dict[str, int]:
+    counts = {"ran": 0, "failed": 0, "want": 0, "skipped": 0}
+    for entry in _results.values():
+        if entry["kind"] != kind or entry["outcome"] is None:
+            continue
+        if entry["outcome"] == "skipped":
+            counts["want" if entry["want"] else "skipped"] += 1
+        else:
+            counts["ran"] += 1
+            counts["failed"] += entry["outcome"] == "failed"
+    return counts
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    comfy = _outcomes.get("comfy", {"passed": 0, "failed": 0, "skipped": 0})
-    unit = _outcomes.get("unit", {"passed": 0, "failed": 0, "skipped": 0})
-    ran = comfy["passed"] + comfy["failed"]
-    where = f"ComfyUI {comfyui_version(COMFY_PATH)} ({COMFY_PATH})" if COMFY_PATH else "ComfyUI not found"
-    terminalreporter.write_line(
-        f"{where}: {ran} tests ran against ComfyUI (integration+e2e), {comfy['skipped']} skipped"
-        + (" for want of it" if COMFY_PATH is None else "")
+    comfy, unit, other = _count("comfy"), _count("unit"), _count("other")
+    where = f"ComfyUI {COMFY_VERSION} ({COMFY_PATH})" if COMFY_PATH else "ComfyUI not found"
+    line = (
+        f"{where}: {comfy['ran']} tests ran against ComfyUI (integration+e2e), {comfy['want']} skipped for want of it"
     )
-    terminalreporter.write_line(f"unit tests: {unit['passed'] + unit['failed']} ran, {unit['failed']} failed")
+    if comfy["skipped"]:
+        line += f", {comfy['skipped']} skipped for other reasons"
+    if comfy["failed"]:
+        line += f", {comfy['failed']} failed"
+    if "build" in _timings:
+        line += f" (tiny SD1.5 checkpoint built in {_timings['build']:.1f}s)"
+    unit_line = f"unit tests: {unit['ran']} ran"
+    if unit["failed"]:
+        unit_line += f", {unit['failed']} failed"
+    if unit["skipped"] or unit["want"]:
+        unit_line += f", {unit['skipped'] + unit['want']} skipped"
+    if other["ran"] or other["skipped"] or other["want"]:
+        unit_line += f"; {other['ran']} other tests ran"
+    terminalreporter.write_line(line)
+    terminalreporter.write_line(unit_line)
 
 
 # ------------------------------------------------------------------------------------------ fixtures
 
 
 @pytest.fixture(scope="session")
+def multiconcept():
+    """The pack imported without ComfyUI, as ``multiconcept``."""
+    return _alias_pack_as_multiconcept()
+
+
+@pytest.fixture(scope="session")
 def comfy(tmp_path_factory):
+    """ComfyUI initialised in this process (CPU, temporary base dir, built-in nodes + this pack)."""
     if COMFY_PATH is None:
         pytest.skip(SKIP_REASON)
     from tests.support.comfy_inprocess import make_session
@@ -86,33 +156,40 @@ def comfy(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint_path(comfy):
+def tiny_checkpoint_path(comfy) -> Path:
+    """The tiny SD1.5 checkpoint, built once per session into the in-process models/checkpoints."""
     from tests.support.tiny_sd15 import build_tiny_sd15
 
     path = comfy.models_dir / "checkpoints" / TINY_CKPT
+    start = time.perf_counter()
     build_tiny_sd15(path, seed=0)
+    _timings.setdefault("build", time.perf_counter() - start)
     return path
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tiny_checkpoint_path):
-    return TINY_CKPT
+def tiny_checkpoint(tiny_checkpoint_path) -> str:
+    """The checkpoint's file name, as CheckpointLoaderSimple's ckpt_name wants it."""
+    return tiny_checkpoint_path.name
 
 
 @pytest.fixture(scope="session")
-def comfy_server(tiny_checkpoint_path, tmp_path_factory, request):
+def comfy_server(tiny_checkpoint_path, tmp_path_factory):
+    """A ComfyUI server subprocess with the pack in custom_nodes and the tiny checkpoint; stopped at the end."""
     from tests.support.server import ComfyServer
 
     server = ComfyServer(COMFY_PATH, tmp_path_factory.mktemp("server_base"), checkpoint=tiny_checkpoint_path)
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
+    report = yield
     if report.failed and "comfy_server" in getattr(item, "fixturenames", ()):
-        server = item.funcargs.get("comfy_server") if hasattr(item, "funcargs") else None
+        server = getattr(item, "funcargs", {}).get("comfy_server")
         if server is not None:
             report.sections.append(("ComfyUI server log (tail)", server.log_tail()))
+    return report

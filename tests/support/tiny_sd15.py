@@ -1,9 +1,28 @@
 """A random-weight, SD1.5-shaped checkpoint that ComfyUI's stock CheckpointLoaderSimple loads as SD1.5.
 
-UNet: model_channels 320, channel_mult (1, 1, 1, 1), 2 res blocks, a transformer wherever SD1.5 has one
-(so all 16 cross-attention layers exist), context 768. Text encoder: full CLIP-L shape (12 layers, 768).
-VAE: TAESD-shaped. Weights come from a seeded generator (ComfyUI's layers do not initialise themselves),
-so the same seed always gives the same file. Needs ComfyUI on sys.path; nothing is downloaded.
+Shapes (what ComfyUI's model detection sees):
+
+* UNet: model_channels 320, channel_mult (1, 1, 1, 1), 2 res blocks per level, a transformer of depth 1
+  wherever SD1.5 has one (6 input, 1 middle, 9 output: all 16 cross-attention layers), context 768,
+  8 heads. Only the widths are smaller than SD1.5's (320 everywhere instead of 320/640/1280).
+* Text encoder: the full CLIP-L text model (12 layers, width 768, vocabulary 49408), so tokenisation,
+  embeddings and prompt weighting behave exactly as with a real SD1.5 checkpoint.
+* VAE: TAESD (``first_stage_model.taesd_encoder.*`` / ``taesd_decoder.*`` plus ``vae_scale``/``vae_shift``;
+  comfy.sd.VAE recognises it by ``taesd_decoder.1.weight``), with SD1.5's TAESD scale 0.18215.
+
+Values: ComfyUI's ops layers do not initialise their weights, so every tensor is filled here from one
+seeded ``torch.Generator`` (normal with std 1/sqrt(fan_in) for weights, ones for norm weights, zeros for
+biases). Pure noise would make a useless sampler test (the "noise prediction" would be unrelated to the
+noise, latents would stay at sigma_max and the picture would be saturated), so on top of the random
+network a fixed route makes the UNet a crude denoiser: ``conv_in`` writes +x and -x copies of each latent
+channel, the last output block's skip connection passes them through, and ``out`` reads them back
+(silu(x) - silu(-x) = x after the group norm). The noise prediction is then about the normalised input
+plus a prompt-dependent random part (about 4 % of it), samplers land on latents of unit scale, and a
+different prompt gives a visibly different, unsaturated image. The TAESD decoder's last layer is biased
+to mid-grey for the same reason.
+
+The same seed always gives the same bytes. Needs ComfyUI importable (its model classes define the
+layout); nothing is downloaded. About 4-20 s on 2 CPU cores, 474 MB of fp16 safetensors.
 """
 
 from __future__ import annotations
@@ -11,6 +30,9 @@ from __future__ import annotations
 import os
 
 import torch
+
+# Bump when the recipe changes, so that a file built by an older recipe is never taken as current.
+RECIPE = "tiny-sd15-v2"
 
 UNET_CONFIG = {
     "use_checkpoint": False,
@@ -35,17 +57,57 @@ UNET_CONFIG = {
     "num_head_channels": -1,
 }
 
+LATENT_CHANNELS = 4
+GROUP = 10  # channels per GroupNorm group at width 320 (32 groups)
+RANDOM_SHARE = 0.3  # how much of the deep (prompt-dependent) path reaches the last output block
+OUT_GAIN = 1.3  # brings the predicted noise back to unit scale once the random share is mixed in
+TAESD_SD15_SCALE = 0.18215
+DECODER_GAIN = 0.7  # TAESD decoder's last conv: image std about 0.1-0.25 around a mid-grey bias
 
-def _fill(module: torch.nn.Module, gen: torch.Generator, gain: float = 1.0) -> None:
+
+def _fill(module: torch.nn.Module, gen: torch.Generator) -> None:
+    """Every parameter from ``gen``, in registration order (which fixes the result for a seed)."""
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.ndim >= 2:
                 fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=gen) * (gain / fan_in**0.5))
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) / fan_in**0.5)
             elif name.endswith("weight") or name.endswith("scale"):
                 p.fill_(1.0)
             else:
                 p.zero_()
+        for name, b in module.named_buffers():
+            if b.is_floating_point():
+                raise AssertionError(f"unexpected float buffer {name}: it would be saved uninitialised")
+
+
+def _channel_plan(width: int) -> list[tuple[int, float]]:
+    """(latent channel, sign) for each UNet channel: each norm group holds +/- copies of one channel."""
+    return [((j // GROUP) % LATENT_CHANNELS, 1.0 if j % 2 == 0 else -1.0) for j in range(width)]
+
+
+def _add_denoising_route(unet: torch.nn.Module) -> None:
+    width = UNET_CONFIG["model_channels"]
+    plan = _channel_plan(width)
+    pairs_per_latent_channel = width // LATENT_CHANNELS // 2
+    with torch.no_grad():
+        conv_in = unet.input_blocks[0][0]
+        conv_in.weight.mul_(0.1)
+        for j, (c, sign) in enumerate(plan):
+            conv_in.weight[j, c, 1, 1] += sign
+
+        res, transformer = unet.output_blocks[-1][0], unet.output_blocks[-1][1]
+        skip = res.skip_connection.weight  # (width, 2*width, 1, 1): [deep path h | long skip from conv_in]
+        skip.mul_(RANDOM_SHARE)
+        for j in range(width):
+            skip[j, width + j, 0, 0] += 1.0
+        res.out_layers[-1].weight.mul_(RANDOM_SHARE)
+        transformer.proj_out.weight.mul_(RANDOM_SHARE)
+
+        out = unet.out[-1].weight  # (4, width, 3, 3), after GroupNorm + SiLU
+        out.mul_(0.1)
+        for j, (c, sign) in enumerate(plan):
+            out[c, j, 1, 1] += OUT_GAIN * sign / pairs_per_latent_channel
 
 
 def build_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -56,43 +118,64 @@ def build_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     config = comfy.supported_models.SD15(dict(UNET_CONFIG))
     unet = config.get_model({}).diffusion_model
-    _fill(unet, gen, gain=0.8)
-    with torch.no_grad():  # keep the noise prediction in a sane range so images are neither flat nor NaN
-        unet.out[-1].weight.mul_(0.1)
+    _fill(unet, gen)
+    _add_denoising_route(unet)
 
     clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32)
     _fill(clip, gen)
     with torch.no_grad():
         emb = clip.clip_l.transformer.text_model.embeddings
-        emb.token_embedding.weight.mul_(0.02 * 768**0.5)  # CLIP-like token embedding scale
+        emb.token_embedding.weight.mul_(0.02 * 768**0.5)  # CLIP-like embedding scales
         emb.position_embedding.weight.mul_(0.01 * 768**0.5)
 
-    taesd = comfy.taesd.taesd.TAESD()
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=LATENT_CHANNELS)
     _fill(taesd, gen)
+    with torch.no_grad():
+        taesd.vae_scale.fill_(TAESD_SD15_SCALE)  # what ComfyUI's VAELoader sets for SD1.5's "taesd"
+        taesd.vae_shift.zero_()
+        taesd.taesd_decoder[-1].weight.mul_(DECODER_GAIN)
+        taesd.taesd_decoder[-1].bias.fill_(0.5)
 
-    sd = {}
-    for k, v in unet.state_dict().items():
-        sd[f"model.diffusion_model.{k}"] = v
-    clip_sd = config.process_clip_state_dict_for_saving(clip.state_dict())
-    sd.update(clip_sd)
-    for k, v in taesd.state_dict().items():
-        sd[f"first_stage_model.{k}"] = v
+    sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+    sd.update(config.process_clip_state_dict_for_saving(clip.state_dict()))
+    sd.update({f"first_stage_model.{k}": v for k, v in taesd.state_dict().items()})
     return {
-        k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous() for k, v in sd.items()
+        k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous() for k, v in sd.items()
     }
 
 
+def _metadata(seed: int) -> dict[str, str]:
+    # One entry only: safetensors writes the metadata map in hash order, which differs between runs
+    # once there are two keys, and "same seed, same bytes" is part of the contract.
+    return {"tiny_sd15": f"{RECIPE} seed={seed}"}
+
+
+def is_current_build(path: str | os.PathLike, seed: int = 0) -> bool:
+    """True when ``path`` is a complete file from this recipe and seed (its safetensors metadata says so)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        return False
+    return all(meta.get(k) == v for k, v in _metadata(seed).items())
+
+
 def build_tiny_sd15(path: str | os.PathLike, seed: int = 0) -> str:
-    """Write the checkpoint to ``path`` (safetensors, fp16) unless an identical build is already there."""
+    """Write the checkpoint to ``path`` (fp16 safetensors) unless this recipe/seed is already there."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
-    marker = f"{path}.seed{seed}.done"
-    if os.path.exists(path) and os.path.exists(marker):
+    if is_current_build(path, seed):
         return path
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     sd = build_state_dict(seed)
-    tmp = path + ".partial"
-    save_file(sd, tmp, metadata={"tiny_sd15_seed": str(seed)})
-    os.replace(tmp, path)
-    open(marker, "w").close()
+    tmp = f"{path}.{os.getpid()}.partial"
+    try:
+        save_file(sd, tmp, metadata=_metadata(seed))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
