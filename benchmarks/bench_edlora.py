@@ -1,6 +1,9 @@
 """ED-LoRA cost as ratios against plain ComfyUI, measured in one process run.
 
-    python benchmarks/bench_edlora.py [--size 128] [--steps 8] [--repeats 5]
+    python benchmarks/bench_edlora.py [--quick] [--size 128] [--steps 8] [--repeats 5]
+
+``--quick``: 64x64, 4 steps, 3 repeats (about a minute on 2 cores). The output ends with one JSON figure
+per line (benchmarks/figures.py).
 
 Needs ComfyUI (COMFYUI_PATH or ~/comfy/ComfyUI) and the test venv. Uses the tests' random-weight SD1.5-shaped
 checkpoint, so absolute numbers mean little; the ratios are what to read:
@@ -25,13 +28,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.figures import Figures  # noqa: E402
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=128, help="image size in pixels (square)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repetitions per configuration")
+    parser.add_argument("--quick", action="store_true", help="small sizes: 64x64, 4 steps, 3 repeats")
     args = parser.parse_args()
+    if args.quick:
+        args.size, args.steps, args.repeats = 64, 4, 3
 
     from tests.support.locate import find_comfyui
 
@@ -147,6 +155,14 @@ def main() -> int:
     out.mkdir(exist_ok=True)
     (out / "edlora.json").write_text(json.dumps(report, indent=2))
     print(f"written to {out / 'edlora.json'}")
+
+    figures = Figures()
+    figures.add("edlora_step_ratio_1_concept", med["1 concept"] / med["plain"], target=1.05)
+    figures.add("edlora_step_ratio_3_concepts", med["3 concepts"] / med["plain"], target=1.05)
+    figures.add("edlora_encode_ratio_1_concept", enc["1 concept"] / enc["plain"])
+    figures.add("edlora_encode_ratio_3_concepts", enc["3 concepts"] / enc["plain"])
+    figures.add_peak_memory("edlora_peak_rss")
+    figures.print()
     return 0
 
 

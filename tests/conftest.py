@@ -24,7 +24,13 @@ _PACK_ROOT = _TESTS_DIR.parent
 if str(_PACK_ROOT) not in sys.path:
     sys.path.insert(0, str(_PACK_ROOT))
 
-from tests.support.locate import PACK_ROOT, SKIP_REASON, comfyui_version, find_comfyui  # noqa: E402
+from tests.support.locate import (  # noqa: E402
+    PACK_ROOT,
+    SKIP_REASON,
+    comfyui_version,
+    find_comfyui,
+    wrong_comfyui_path,
+)
 
 COMFY_PATH = find_comfyui()
 COMFY_VERSION = comfyui_version(COMFY_PATH) if COMFY_PATH else None
@@ -62,6 +68,12 @@ def _kind_of(path: Path) -> str | None:
     except (ValueError, IndexError):
         return None
     return first if first in KINDS else None
+
+
+def pytest_configure(config):
+    message = wrong_comfyui_path()
+    if message:  # a wrong explicit path must fail the run, not skip every ComfyUI test
+        raise pytest.UsageError(message)
 
 
 def pytest_collection_modifyitems(config, items):

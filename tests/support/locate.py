@@ -63,6 +63,19 @@ def find_comfyui() -> Path | None:
     return None
 
 
+def wrong_comfyui_path() -> str | None:
+    """The message for a COMFYUI_PATH that is set but is not a ComfyUI checkout (None when all is well).
+
+    Such a run must fail, not quietly skip every integration and e2e test."""
+    env = os.environ.get("COMFYUI_PATH", "").strip()
+    if not env or is_comfyui(Path(env).expanduser().absolute()):
+        return None
+    return (
+        f"COMFYUI_PATH={env} is not a ComfyUI checkout (no comfy/model_patcher.py and nodes.py there). "
+        "Fix the path, or unset COMFYUI_PATH to use ~/comfy/ComfyUI."
+    )
+
+
 def comfyui_version(path: Path) -> str:
     try:
         text = (Path(path) / "comfyui_version.py").read_text()
