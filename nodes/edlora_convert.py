@@ -13,9 +13,12 @@ from .common import (
     PICKLE_SUFFIXES,
     NodeError,
     check_model_file,
+    checked_inputs,
+    guarded_validation,
     list_model_files,
     resolve_model_file,
 )
+from .validation import check_output_name
 
 NODE_NAME = "ED-LoRA Convert"
 
@@ -62,15 +65,16 @@ class EDLoRAConvert(io.ComfyNode):
         )
 
     @classmethod
+    @guarded_validation(NODE_NAME, "edlora_name", "Pick a .pth ED-LoRA file from models/loras.")
     def validate_inputs(cls, edlora_name):
         return check_model_file(NODE_NAME, "loras", edlora_name, "ED-LoRA file")
 
     @classmethod
+    @checked_inputs(NODE_NAME)
     def execute(cls, edlora_name, output_name, concept_words="", class_word="") -> io.NodeOutput:
         src = resolve_model_file(NODE_NAME, "loras", edlora_name, "ED-LoRA file")
         name = output_name.strip() or default_safetensors_name(src)
-        if os.path.basename(name) != name or name.startswith("."):
-            raise NodeError(NODE_NAME, f"output_name '{name}' must be a plain file name, without folders")
+        name = check_output_name(NODE_NAME, "output_name", name)
         if not name.lower().endswith(".safetensors"):
             name += ".safetensors"
         dst = os.path.join(os.path.dirname(src), name)
@@ -83,5 +87,9 @@ class EDLoRAConvert(io.ComfyNode):
             write_edlora_safetensors(weights, dst)
         except EDLoRAFileError as e:
             raise NodeError(NODE_NAME, str(e)) from None
+        except OSError as e:
+            raise NodeError(
+                NODE_NAME, f"could not write {dst}: {e.strerror or e}. Check the folder's free space and permissions."
+            ) from None
         text = f"Wrote {dst}\nwords: {' '.join(weights.words)}"
         return io.NodeOutput(dst, ui=ui.PreviewText(text))

@@ -15,6 +15,8 @@ from .common import (
     EDLoRAConceptType,
     NodeError,
     check_model_file,
+    checked_inputs,
+    guarded_validation,
     list_model_files,
     resolve_model_file,
 )
@@ -108,10 +110,12 @@ class EDLoRALoader(io.ComfyNode):
         )
 
     @classmethod
+    @guarded_validation(NODE_NAME, "edlora_name", "Pick an ED-LoRA file from models/loras.")
     def validate_inputs(cls, edlora_name):
         return check_model_file(NODE_NAME, "loras", edlora_name, "ED-LoRA file")
 
     @classmethod
+    @checked_inputs(NODE_NAME)
     def execute(
         cls, model, clip, edlora_name, strength_unet, strength_text, concept_words="", class_word=""
     ) -> io.NodeOutput:

@@ -7,8 +7,8 @@ import logging
 from comfy_api.latest import io
 
 from ..samplers.region_preview import draw_regions
-from ..samplers.regions import MAX_REGIONS, RegionError, parse_regions
-from .common import CATEGORY_REGIONS, NodeError
+from ..samplers.regions import MAX_REGIONS, RegionError, parse_regions, validate_regions_json
+from .common import CATEGORY_REGIONS, NodeError, checked_inputs, guarded_validation
 
 NODE_NAME = "Regions"
 log = logging.getLogger("multiconcept")
@@ -17,6 +17,7 @@ RegionsType = io.Custom("REGIONS")
 # The canvas widget (web/js/regions_widget.js); its value is the JSON string below.
 RegionsEditorType = io.Custom("MC_REGIONS_EDITOR")
 BBoxType = io.Custom("BBOX")
+_UNLINKED = object()  # validate_inputs' default for regions_json: the input is not connected
 
 EXAMPLE = (
     '{"version": 1, "units": "fraction", "boxes": [\n'
@@ -85,23 +86,28 @@ class Regions(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width, height, regions, regions_json=None):
-        if regions_json is not None:
-            regions = regions_json
-        if not all(isinstance(v, int) for v in (width, height)) or not isinstance(regions, str):
-            return True  # linked inputs are checked when the node runs
-        if width % 8 or height % 8:
-            return f"{NODE_NAME}: width and height must be multiples of 8 (got {width}x{height})"
+    @guarded_validation(NODE_NAME, "regions", "Redraw the boxes, or fix the regions JSON (see the node's help page).")
+    def validate_inputs(cls, regions, regions_json=_UNLINKED):
+        # One input only, so a message is shown once (ComfyUI repeats it per input this function takes) and
+        # ComfyUI keeps its own min/max checks of width and height. Checks that need the image size run in
+        # execute. ComfyUI passes a linked regions_json as None: then the drawn boxes are not used.
+        if regions_json is not _UNLINKED:
+            return True
+        if not isinstance(regions, str):
+            return f"{NODE_NAME}: regions must be JSON text, got {type(regions).__name__}"
         try:
-            parse_regions(regions, width, height)
+            validate_regions_json(regions)
         except RegionError as e:
             return f"{NODE_NAME}: {e}"
         return True
 
     @classmethod
+    @checked_inputs(NODE_NAME)
     def execute(cls, width, height, regions, regions_json=None, image=None) -> io.NodeOutput:
         if regions_json is not None:
             regions = regions_json
+        if width % 8 or height % 8:
+            raise NodeError(NODE_NAME, f"width and height must be multiples of 8 (got {width}x{height}).")
         if not isinstance(regions, str):
             raise NodeError(NODE_NAME, f"regions must be JSON text, got {type(regions).__name__}")
         try:

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
 import torch
 from comfy_api.latest import io
 
-from ..samplers.sam_masks import SamFileError, dilate, feather, load_sam, masks_for_boxes
+from ..samplers.sam_masks import SamFileError, clip_box, dilate, feather, load_sam, masks_for_boxes
 from ..samplers.sam_masks import keep_inside_box as cut_to_box
-from .common import CATEGORY_REGIONS, NodeError, check_model_file, list_model_files, resolve_model_file
+from ..training.checkpoint_io import CheckpointFileError, check_weight_tensor, read_tensor_file
+from .common import (
+    CATEGORY_REGIONS,
+    NodeError,
+    check_model_file,
+    checked_inputs,
+    guarded_validation,
+    list_model_files,
+    resolve_model_file,
+)
 from .regions import BBoxType, RegionsType
+from .validation import short_repr
 
 SAM_SUFFIXES = (".pth", ".pt", ".safetensors")
 log = logging.getLogger("multiconcept")
@@ -59,28 +70,27 @@ class SamHandle:
 
 
 def read_state_dict(path: str, node: str) -> dict:
-    import pickle
-
+    """The checkpoint's ``{key: tensor}`` dict, read safely; broken files are NodeErrors naming the file."""
     name = os.path.basename(path)
     try:
-        if path.lower().endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            sd = load_file(path)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise NodeError(
-            node,
-            f"{name} needs pickle code execution to load; that is refused for safety (nothing in "
-            "it ran). Use the official SAM .pth files or a .safetensors.",
-        ) from None
-    except Exception as e:
-        raise NodeError(node, f"{name} could not be read (truncated or corrupt?): {str(e).splitlines()[0]}") from None
+        sd, _, _ = read_tensor_file(path, what="SAM checkpoint")
+    except CheckpointFileError as e:
+        raise NodeError(node, f"{e} It belongs in models/sams.") from None
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]
     if not isinstance(sd, dict):
         raise NodeError(node, f"{name} is not a segment-anything checkpoint (it holds a {type(sd).__name__})")
+    # NaN/inf or exploded weights would give empty masks without any error: refuse the file instead.
+    for key, t in sd.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            try:
+                check_weight_tensor(t, f"{name}: weight '{key}'")
+            except CheckpointFileError as e:
+                raise NodeError(
+                    node,
+                    f"{e}. SAM would give empty masks with it. Get the SAM checkpoint again (e.g. the official "
+                    "sam_vit_b_01ec64.pth) and put it in models/sams.",
+                ) from None
     return sd
 
 
@@ -107,10 +117,12 @@ class SAMLoader(io.ComfyNode):
         )
 
     @classmethod
+    @guarded_validation("SAM Loader", "sam_name", "Pick a SAM checkpoint from models/sams.")
     def validate_inputs(cls, sam_name):
         return check_model_file(cls.NAME, "sams", sam_name, "SAM checkpoint")
 
     @classmethod
+    @checked_inputs("SAM Loader")
     def execute(cls, sam_name) -> io.NodeOutput:
         import comfy.model_management
         import comfy.model_patcher
@@ -130,37 +142,112 @@ class SAMLoader(io.ComfyNode):
         return io.NodeOutput(SamHandle(patcher, spec.name, sam_name))
 
 
-def _boxes_per_image(bboxes, n_images: int) -> list[list[list[float]]]:
-    if not isinstance(bboxes, (list, tuple)) or not bboxes:
-        return [[] for _ in range(n_images)]
-    first = bboxes[0]
-    if isinstance(first, (list, tuple)) and first and isinstance(first[0], (list, tuple)):
-        per = [list(map(list, b)) for b in bboxes]  # one list of boxes per image
-        return [per[min(i, len(per) - 1)] for i in range(n_images)]
-    return [[list(b) for b in bboxes] for _ in range(n_images)]
+BBOX_FORMAT = (
+    "Give boxes as [x0, y0, x1, y1] pixel numbers: one list of boxes for all images "
+    "([[x0, y0, x1, y1], ...]) or one such list per image ([[[x0, y0, x1, y1], ...], ...])."
+)
+
+
+def _plain(value):
+    """Tensors and numpy arrays (other packs' BBOX outputs) as nested Python lists."""
+    tolist = getattr(value, "tolist", None)
+    return tolist() if callable(tolist) and not isinstance(value, (str, bytes)) else value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_box_like(value) -> bool:
+    """A list/tuple of numbers (the right count or not): one box rather than a list of boxes."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(_is_number(v) for v in value)
+
+
+def _boxes_per_image(node: str, bboxes, n_images: int) -> list[list]:
+    """A BBOX input as one list of boxes per image; anything else is a NodeError saying what came in."""
+    bboxes = _plain(bboxes)
+    if not isinstance(bboxes, (list, tuple)):
+        raise NodeError(node, f"bboxes is a {type(bboxes).__name__} ({short_repr(bboxes)}), not a list. {BBOX_FORMAT}")
+    items = [_plain(b) for b in bboxes]
+    if _is_box_like(items):  # a single box [x0, y0, x1, y1]
+        return [[items] for _ in range(n_images)]
+    first = next((b for b in items if isinstance(b, (list, tuple)) and b), None)
+    if first is None or not isinstance(_plain(first[0]), (list, tuple)):
+        return [list(items) for _ in range(n_images)]  # one list of boxes for all images
+    per = []
+    for k, boxes in enumerate(items):  # one list of boxes per image
+        if not isinstance(boxes, (list, tuple)):
+            raise NodeError(
+                node, f"the box list of image {k + 1} is {short_repr(boxes)} (a {type(boxes).__name__}). {BBOX_FORMAT}"
+            )
+        per.append([_plain(box) for box in boxes])
+    if len(per) != n_images:
+        log.warning(
+            "[multi-concept] %s: %d box lists for %d image(s); %s",
+            node,
+            len(per),
+            n_images,
+            "the extra lists are ignored" if len(per) > n_images else "the last list is used for the other images",
+        )
+    return [per[min(i, len(per) - 1)] for i in range(n_images)]
+
+
+def _coordinate(value) -> float:
+    """A box coordinate as a float; integers too big for a float become +-inf (and are clipped like 1e308)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def _describe_bad_box(b) -> str:
+    if not isinstance(b, (list, tuple)):
+        return f"a {type(b).__name__}"
+    if len(b) != 4:
+        return f"{len(b)} value{'' if len(b) == 1 else 's'}"
+    odd = next(v for v in b if not _is_number(v))
+    return f"it holds a {type(odd).__name__}, not only numbers"
 
 
 def _check_boxes(node: str, per_image: list, width: int, height: int) -> list[list[list[float]]]:
-    """Every box must be 4 finite numbers with a positive area that overlaps the image."""
-    checked = []
+    """Every box must be 4 numbers (not NaN) with x1 > x0 and y1 > y0. Boxes reaching outside the image,
+    however far, are clipped to it (a warning names them); a box with nothing left inside is an error."""
+    shared = all(row == per_image[0] for row in per_image)  # one list for all images: name boxes only
+    checked, clipped = [], {}
     for i, boxes in enumerate(per_image):
         row = []
         for j, b in enumerate(boxes):
-            where = f"box {j + 1}" + (f" of image {i + 1}" if len(per_image) > 1 else "")
-            try:
-                x0, y0, x1, y1 = (float(v) for v in b)
-            except (TypeError, ValueError):
+            where = f"box {j + 1}" + ("" if shared else f" of image {i + 1}")
+            if not (isinstance(b, (list, tuple)) and len(b) == 4 and all(_is_number(v) for v in b)):
                 raise NodeError(
-                    node, f"{where} is {b!r}, not [x0, y0, x1, y1]. Give each box as four pixel numbers."
-                ) from None
-            if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
-                raise NodeError(node, f"{where} {b!r} has no area. Give x1 > x0 and y1 > y0 in pixels.")
-            if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-                raise NodeError(
-                    node, f"{where} {b!r} lies outside the {width}x{height} image. Move it inside the image."
+                    node, f"{where} is {short_repr(b)} ({_describe_bad_box(b)}), not [x0, y0, x1, y1]. {BBOX_FORMAT}"
                 )
-            row.append([x0, y0, x1, y1])
+            x0, y0, x1, y1 = (_coordinate(v) for v in b)
+            if any(math.isnan(v) for v in (x0, y0, x1, y1)):
+                raise NodeError(node, f"{where} {short_repr(b)} holds NaN (not a number). {BBOX_FORMAT}")
+            if x1 <= x0 or y1 <= y0:
+                raise NodeError(node, f"{where} {short_repr(b)} has no area. Give x1 > x0 and y1 > y0 in pixels.")
+            box = clip_box((x0, y0, x1, y1), width, height)
+            if box is None:
+                raise NodeError(
+                    node,
+                    f"{where} {short_repr(b)} lies outside the {width}x{height} image (nothing of it is inside). "
+                    f"Move it inside the image (x from 0 to {width}, y from 0 to {height} pixels) or remove it.",
+                )
+            if box != (x0, y0, x1, y1):
+                clipped.setdefault(where, (b, box))
+            row.append(list(box))
         checked.append(row)
+    for where, (original, box) in clipped.items():
+        log.warning(
+            "[multi-concept] %s: %s %s reaches outside the %dx%d image; clipped to [%s]",
+            node,
+            where,
+            short_repr(list(original)),
+            width,
+            height,
+            ", ".join(f"{v:g}" for v in box),
+        )
     return checked
 
 
@@ -182,7 +269,8 @@ class SAMMasks(io.ComfyNode):
                 BBoxType.Input(
                     "bboxes",
                     optional=True,
-                    tooltip="Or boxes as [x0, y0, x1, y1] pixels (one list for all images, or one per image).",
+                    tooltip="Or boxes as [x0, y0, x1, y1] pixels (one list for all images, or one per image). Boxes "
+                    "reaching outside the image are clipped to it.",
                 ),
                 io.Boolean.Input(
                     "multimask",
@@ -212,6 +300,7 @@ class SAMMasks(io.ComfyNode):
         )
 
     @classmethod
+    @checked_inputs("SAM Masks")
     def execute(
         cls, sam, image, regions=None, bboxes=None, multimask=True, dilation_px=0, feather_px=0, keep_inside_box=True
     ) -> io.NodeOutput:
@@ -233,13 +322,14 @@ class SAMMasks(io.ComfyNode):
                 boxes = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in boxes]
             per_image = [boxes] * n
         elif bboxes is not None:
-            per_image = _boxes_per_image(bboxes, n)
+            per_image = _boxes_per_image(cls.NAME, bboxes, n)
         else:
             raise NodeError(
                 cls.NAME, "neither regions nor bboxes is connected. Connect the Regions node (or a BBOX list)."
             )
         if not any(per_image):
-            raise NodeError(cls.NAME, "there are no boxes to segment. Draw at least one box in the Regions node.")
+            fix = "Draw at least one box in the Regions node." if regions is not None else BBOX_FORMAT
+            raise NodeError(cls.NAME, f"there are no boxes to segment. {fix}")
         per_image = _check_boxes(cls.NAME, per_image, w, h)
         model = sam.load()
         pbar = comfy.utils.ProgressBar(n)

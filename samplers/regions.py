@@ -136,18 +136,44 @@ def box_mask(box, height: int, width: int) -> torch.Tensor:
     return cover_y[:, None] * cover_x[None, :]
 
 
+# Coordinates beyond this (in fractions, or pixels) are typing mistakes, and would overflow the arithmetic.
+MAX_COORDINATE = 1.0e6
+
+
 def _number(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RegionError(f"{what} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise RegionError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
+        text = repr(value)
+        raise RegionError(f"{what} must be a number, got {text if len(text) < 40 else text[:37] + '...'}")
+    try:
+        number = float(value)
+    except OverflowError:  # a Python int with hundreds of digits
+        number = math.inf
+    if not math.isfinite(number):
+        raise RegionError(f"{what} must be a finite number, got {'a huge number' if math.isinf(number) else value!r}")
+    if abs(number) > MAX_COORDINATE:
+        raise RegionError(
+            f"{what} is {number:g}; coordinates must lie between {-MAX_COORDINATE:g} and {MAX_COORDINATE:g}"
+        )
+    return number
+
+
+def validate_regions_json(text) -> None:
+    """The checks that need no image size (JSON form, box fields, numbers), for a node's ``validate_inputs``."""
+    parse_regions(text, 1, 1, allow_empty=True, check_bounds=False)
 
 
 def parse_regions(
-    text: str | dict, width: int, height: int, max_regions: int = MAX_REGIONS, allow_empty: bool = False
+    text: str | dict,
+    width: int,
+    height: int,
+    max_regions: int = MAX_REGIONS,
+    allow_empty: bool = False,
+    check_bounds: bool = True,
 ) -> Regions:
-    """Validate the widget/API JSON and return pixel-space, clipped regions."""
+    """Validate the widget/API JSON and return pixel-space, clipped regions.
+
+    ``check_bounds=False`` skips the checks against the image (outside, clipping): for validation before
+    the image size is known."""
     if width <= 0 or height <= 0:
         raise RegionError(f"image size must be positive, got {width}x{height}")
     if isinstance(text, str):
@@ -158,6 +184,12 @@ def parse_regions(
                 data = json.loads(text)
             except json.JSONDecodeError as e:
                 raise RegionError(f"regions are not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+            except RecursionError:
+                raise RegionError(
+                    'regions JSON is nested too deeply; give one object with a flat "boxes" list'
+                ) from None
+    elif not isinstance(text, (dict, list)):
+        raise RegionError(f"regions must be JSON text, got {type(text).__name__}")
     else:
         data = text
     if isinstance(data, list):
@@ -189,7 +221,10 @@ def parse_regions(
         if w <= 0 or h <= 0:
             raise RegionError(f"{name} has no area (w={w:g}, h={h:g}); give it a positive width and height")
         x0, y0, x1, y1 = x * sx, y * sy, (x + w) * sx, (y + h) * sy
-        cx0, cy0, cx1, cy1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
+        if not check_bounds:
+            cx0, cy0, cx1, cy1 = x0, y0, x1, y1
+        else:
+            cx0, cy0, cx1, cy1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
         if cx1 <= cx0 or cy1 <= cy0:
             raise RegionError(f"{name} lies entirely outside the {width}x{height} image; move it inside")
         if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):

@@ -255,3 +255,12 @@ def keep_inside_box(mask: torch.Tensor, box) -> torch.Tensor:
     inside = torch.zeros_like(mask)
     inside[..., y0:y1, x0:x1] = 1
     return mask * inside
+
+
+def clip_box(box, width: int, height: int) -> tuple[float, float, float, float] | None:
+    """``box = (x0, y0, x1, y1)`` pixels clipped to a ``width x height`` image; None if nothing is left inside."""
+    x0, y0 = min(max(float(box[0]), 0.0), float(width)), min(max(float(box[1]), 0.0), float(height))
+    x1, y1 = min(max(float(box[2]), 0.0), float(width)), min(max(float(box[3]), 0.0), float(height))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1, y1

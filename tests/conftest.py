@@ -3,9 +3,12 @@
 * tests/unit        -> marker ``unit``: pure torch, always run (the pack is importable as ``multiconcept``).
 * tests/integration -> marker ``integration``: real ComfyUI in-process (fixture ``comfy``).
 * tests/e2e         -> marker ``e2e``: a real ComfyUI server over HTTP (fixture ``comfy_server``).
+* marker ``browser``: drives the frontend in headless Chromium (tests/e2e/test_regions_widget.py).
 
 Without a ComfyUI checkout (see tests/support/locate.py) integration and e2e tests are skipped with one
 reason, printed in the header; the closing summary says how many ran and how many were skipped for want of it.
+With ComfyUI present, a browser test that skips (no Chromium, no playwright) fails the run instead: the
+widget would otherwise go untested while the run passes.
 """
 
 from __future__ import annotations
@@ -70,7 +73,14 @@ def _kind_of(path: Path) -> str | None:
     return first if first in KINDS else None
 
 
+BROWSER_SETUP = (
+    "install Debian's chromium package (apt-get install chromium; scripts/test.sh does this when run as root) "
+    "and playwright (pip install -r requirements-test.txt)"
+)
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", "browser: drives the ComfyUI frontend in headless Chromium (playwright)")
     message = wrong_comfyui_path()
     if message:  # a wrong explicit path must fail the run, not skip every ComfyUI test
         raise pytest.UsageError(message)
@@ -197,9 +207,28 @@ def comfy_server(tiny_checkpoint_path, tmp_path_factory):
         server.stop()
 
 
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
+    if (
+        report.skipped
+        and COMFY_PATH is not None
+        and item.get_closest_marker("browser") is not None
+        and not hasattr(report, "wasxfail")
+    ):
+        # ComfyUI is here, so the browser tests must run: a missing browser is a broken set-up, not a skip
+        report.outcome = "failed"
+        report.longrepr = (
+            f"browser test skipped although ComfyUI was found at {COMFY_PATH}: {_skip_reason(report)}\n"
+            f"The browser tests must run when ComfyUI is present: {BROWSER_SETUP}."
+        )
     if report.failed and "comfy_server" in getattr(item, "fixturenames", ()):
         server = getattr(item, "funcargs", {}).get("comfy_server")
         if server is not None:

@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from .checkpoint_io import CheckpointFileError, check_weight_tensor, read_tensor_file
 
 FORMAT_NAME = "multiconcept.edlora"
 FORMAT_VERSION = "1"
@@ -132,49 +132,20 @@ def read_edlora(path: str | os.PathLike) -> EDLoRAWeights:
     """Read and validate an ED-LoRA file (official ``.pth`` or our ``.safetensors``)."""
     path = os.fspath(path)
     name = os.path.basename(path)
-    if not os.path.isfile(path):
-        raise EDLoRAFileError(f"file not found: {path}")
-    if path.lower().endswith(SAFETENSORS_SUFFIXES):
-        tree, metadata = _read_safetensors(path)
+    try:
+        content, metadata, kind = read_tensor_file(path, what="ED-LoRA file")
+    except CheckpointFileError as e:
+        raise EDLoRAFileError(str(e)) from None
+    if kind == "safetensors":
+        tree: dict = {}
+        for key, tensor in content.items():
+            group, sep, rest = key.partition(".")
+            if not sep:
+                tree[group] = tensor
+                continue
+            tree.setdefault(group, {})[rest] = tensor
         return _weights_from_tree(tree, name, source_format="safetensors", metadata=metadata)
-    raw = _read_pickle(path)
-    return _weights_from_tree(raw, name, source_format="mixofshow-pth", metadata={})
-
-
-def _read_safetensors(path: str) -> tuple[dict, dict[str, str]]:
-    from safetensors import safe_open
-
-    name = os.path.basename(path)
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            flat = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for bad headers / short files
-        raise EDLoRAFileError(f"{name} could not be read as safetensors (truncated or corrupt?): {e}") from None
-    tree: dict = {}
-    for key, tensor in flat.items():
-        group, sep, rest = key.partition(".")
-        if not sep:
-            tree[group] = tensor
-            continue
-        tree.setdefault(group, {})[rest] = tensor
-    return tree, metadata
-
-
-def _read_pickle(path: str):
-    name = os.path.basename(path)
-    try:
-        # weights_only=True: plain tensors and containers only; anything that needs code to run is refused.
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise EDLoRAFileError(
-            f"{name} needs pickle code execution to load, and that is refused for safety (nothing in it was run). "
-            "An ED-LoRA holds only tensors; re-save it as plain tensors, or convert it with "
-            "'python -m training.convert_edlora' on a machine where you trust the file. Detail: "
-            + str(e).splitlines()[0]
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise EDLoRAFileError(f"{name} could not be read (truncated or corrupt?): {str(e).splitlines()[0]}") from None
+    return _weights_from_tree(content, name, source_format="mixofshow-pth", metadata={})
 
 
 def _weights_from_tree(raw, name: str, source_format: str, metadata: dict[str, str]) -> EDLoRAWeights:
@@ -241,8 +212,10 @@ def _read_embeddings(tree: dict, name: str) -> dict[str, dict[str, torch.Tensor]
                 raise EDLoRAFileError(
                     f"{name}: embedding of {word!r} has shape {list(emb.shape)}; expected [layers, {width}] for '{group}'"
                 )
-            if not torch.isfinite(emb).all():
-                raise EDLoRAFileError(f"{name}: embedding of {word!r} contains NaN or infinite values")
+            try:
+                check_weight_tensor(emb, f"{name}: embedding of {word!r}")
+            except CheckpointFileError as e:
+                raise EDLoRAFileError(str(e)) from None
             out.setdefault(str(word), {})[clip_key] = emb.detach().float().contiguous()
     if not out:
         raise EDLoRAFileError(f"{name}: 'new_concept_embedding' is empty — the file names no concept words")
@@ -306,9 +279,11 @@ def _read_lora_group(table, where: str) -> dict[str, LoRAPair]:
     pairs = {}
     for module in sorted(downs):
         up, down = ups[module], downs[module]
-        for t in (up, down):
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise EDLoRAFileError(f"{where}: {module} holds a non-float LoRA tensor")
+        for half, t in (("lora_up", up), ("lora_down", down)):
+            try:
+                check_weight_tensor(t, f"{where}: {module}.{half}")
+            except CheckpointFileError as e:
+                raise EDLoRAFileError(str(e)) from None
         if up.ndim not in (2, 4) or down.ndim != up.ndim or up.shape[1] != down.shape[0]:
             raise EDLoRAFileError(
                 f"{where}: {module} has mismatched LoRA shapes up {list(up.shape)} / down {list(down.shape)}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,27 +33,63 @@ def server_loras(comfy_server):
     return d
 
 
-def test_single_concept_workflow_runs_on_the_server(comfy_server, tiny_checkpoint, server_loras):
+def _workflow_prompt(comfy_server, tiny_checkpoint, prefix: str) -> dict:
+    """The shipped workflow as the Queue button would send it, sized down for the tiny checkpoint."""
     workflow = json.loads(WORKFLOW.read_text())
-    info = comfy_server.object_info()
-    assert "MultiConceptEDLoRALoader" in info
-    prompt = workflow_to_api(
+    return workflow_to_api(
         workflow,
-        info,
+        comfy_server.object_info(),
         overrides={
             "1": {"ckpt_name": tiny_checkpoint},
             "2": {"edlora_name": "e2e_cat.safetensors"},
             "5": {"width": 64, "height": 64},
             "6": {"steps": 3},
+            "8": {"filename_prefix": prefix},
         },
     )
-    assert "<cat1> <cat2>" in prompt["3"]["inputs"]["text"]
-    prompt_id = comfy_server.post_prompt(prompt)
-    entry = comfy_server.wait(prompt_id, timeout=300)
+
+
+def _without_edlora(prompt: dict) -> dict:
+    """The same graph with the ED-LoRA loader taken out: its consumers get the checkpoint's MODEL/CLIP."""
+    out = {k: {**v, "inputs": dict(v["inputs"])} for k, v in prompt.items() if k != "2"}
+    for node in out.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and value[:1] == ["2"]:
+                node["inputs"][name] = ["1", value[1]]
+    return out
+
+
+def _saved_image(comfy_server, prompt: dict) -> np.ndarray:
+    """Run ``prompt`` over HTTP; the one PNG its SaveImage wrote, as float pixels 0..255."""
+    from PIL import Image  # comes with torchvision / ComfyUI's requirements
+
+    entry = comfy_server.run(prompt, timeout=300)
     assert entry["status"]["status_str"] == "success", entry["status"]
     images = entry["outputs"]["8"]["images"]
     assert len(images) == 1
-    assert comfy_server.output_file(images[0]["filename"], images[0]["subfolder"], images[0]["type"]).is_file()
+    path = comfy_server.output_file(images[0]["filename"], images[0]["subfolder"], images[0]["type"])
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float64)
+    assert pixels.shape == (64, 64, 3)
+    assert pixels.std() > 10, f"{path.name} is (nearly) flat: std {pixels.std():.2f}"  # comparable pictures
+    return pixels
+
+
+def test_single_concept_workflow_runs_on_the_server(comfy_server, tiny_checkpoint, server_loras):
+    """The workflow's ED-LoRA loader changes the saved picture, and its concept words matter."""
+    assert "MultiConceptEDLoRALoader" in comfy_server.object_info()
+    concept = _workflow_prompt(comfy_server, tiny_checkpoint, "e2e_concept")
+    assert "<cat1> <cat2>" in concept["3"]["inputs"]["text"]
+    plain = _without_edlora(_workflow_prompt(comfy_server, tiny_checkpoint, "e2e_plain"))
+    assert all(node["class_type"] != "MultiConceptEDLoRALoader" for node in plain.values())
+    class_word = _workflow_prompt(comfy_server, tiny_checkpoint, "e2e_class_word")
+    class_word["3"]["inputs"]["text"] = concept["3"]["inputs"]["text"].replace("<cat1> <cat2>", "cat")
+
+    image = _saved_image(comfy_server, concept)
+    # the same graph, seed and prompt text without the loader: the ED-LoRA's weights and words must show
+    assert np.abs(image - _saved_image(comfy_server, plain)).mean() > 5.0
+    # the concept words are not just text: with the loader, the class word gives another picture
+    assert np.abs(image - _saved_image(comfy_server, class_word)).mean() > 5.0
 
 
 def test_workflow_is_listed_in_the_template_browser(comfy_server):

@@ -25,11 +25,22 @@ ARGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def page(comfy_server):
+pytestmark = pytest.mark.browser  # with ComfyUI present, tests/conftest.py turns a skip here into a failure
+
+
+@pytest.fixture(scope="session", autouse=True)
+def browser_api():
+    """playwright's sync API, once Chromium is known to be there. Session-scoped and autouse, so it is
+    checked before the (session-scoped) server is started for these tests."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     if CHROMIUM is None:
         pytest.skip("Chromium not found: install Debian's 'chromium' package (scripts/test.sh does when run as root)")
+    return sync_api
+
+
+@pytest.fixture(scope="module")
+def page(browser_api, comfy_server):
+    sync_api = browser_api
     OUT.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)

@@ -9,6 +9,10 @@ import pytest
 import torch
 
 from tests.support.graphs import plain_txt2img
+from tests.support.tensors import same_bits
+
+# The one tensor ComfyUI's SD1.5 checkpoint loader cannot fill from any key (see tests/support/tiny_sd15.py).
+UNLOADABLE_CLIP = ["clip_l.transformer.text_projection.weight"]
 
 
 def _sha256(path) -> str:
@@ -80,6 +84,72 @@ def test_stock_checkpoint_loader_node_loads_it(comfy, tiny_checkpoint):
     assert type(model.model.model_config).__name__ == "SD15"
     cond = nodes.CLIPTextEncode().encode(clip, "a photo of a cat")[0]
     assert tuple(cond[0][0].shape) == (1, 77, 768) and torch.isfinite(cond[0][0]).all()
+
+
+def _loaded_tensors(module) -> dict:
+    tensors = dict(module.named_parameters())
+    tensors.update(module.named_buffers())
+    return tensors
+
+
+def _unfilled(module, file_key_of, file: dict, used: set, what: str) -> list[str]:
+    """Check every parameter/buffer of ``module`` against the file; return those with no file tensor."""
+    missing = []
+    for name, t in _loaded_tensors(module).items():
+        key = file_key_of.get(name)
+        if key is None:
+            missing.append(name)
+            continue
+        want = file[key]
+        assert torch.isfinite(want).all(), key
+        assert same_bits(t.detach().cpu(), want.to(t.dtype)), f"{what} {name} is not the file's {key}"
+        used.add(key)
+    return missing
+
+
+def _encode(clip, text="a photo of a cat on a sofa"):
+    import nodes
+
+    cond = nodes.CLIPTextEncode().encode(clip, text)[0]
+    return cond[0][0], cond[0][1]["pooled_output"]
+
+
+def test_every_loaded_tensor_comes_from_the_checkpoint(comfy, tiny_checkpoint_path, tiny_checkpoint):
+    """Nothing of the loaded UNet, CLIP or VAE is left uninitialised (random memory, sometimes NaN)."""
+    import comfy.utils as comfy_utils
+    from safetensors.torch import load_file
+
+    import nodes
+
+    file = load_file(str(tiny_checkpoint_path))
+    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)
+    config = model.model.model_config
+    names = {k: k for k in file}
+    # file key of each loaded tensor, through ComfyUI's own key conversions (as load_state_dict_guess_config)
+    unet_keys = {k[len("model.diffusion_model.") :]: k for k in file if k.startswith("model.diffusion_model.")}
+    clip_keys = config.process_clip_state_dict(dict(names))
+    vae_keys = config.process_vae_state_dict(
+        comfy_utils.state_dict_prefix_replace(dict(names), {k: "" for k in config.vae_key_prefix}, filter_keys=True)
+    )
+    used: set = set()
+    assert _unfilled(model.model.diffusion_model, unet_keys, file, used, "UNet") == []
+    assert _unfilled(vae.first_stage_model, vae_keys, file, used, "VAE") == []
+    assert _unfilled(clip.cond_stage_model, clip_keys, file, used, "CLIP") == UNLOADABLE_CLIP
+    assert sorted(set(file) - used) == [], "tensors in the file that the loaded models do not use"
+
+    # the one tensor the loader cannot fill has no effect: SD1.5's CLIP returns the unprojected pooled output
+    cond, pooled = _encode(clip)
+    assert torch.isfinite(cond).all() and torch.isfinite(pooled).all() and pooled.abs().sum() > 0
+    projection = clip.cond_stage_model.clip_l.transformer.text_projection.weight
+    with torch.no_grad():
+        projection.fill_(float("nan"))
+    cond_nan, pooled_nan = _encode(clip)
+    assert same_bits(cond_nan, cond) and same_bits(pooled_nan, pooled)
+
+    # ... so two fresh loads encode bit-identically, pooled output included
+    del model, clip, vae
+    cond_again, pooled_again = _encode(nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[1])
+    assert same_bits(cond_again, cond) and same_bits(pooled_again, pooled)
 
 
 def test_build_is_deterministic(comfy, tiny_checkpoint_path, tmp_path):

@@ -5,12 +5,28 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import random
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from tests.support.graphs import plain_txt2img
-from tests.support.tiny_sam import save_tiny_sam
+from tests.support.tiny_sam import (
+    REFERENCE_BOXES,
+    REFERENCE_H,
+    REFERENCE_IMAGE,
+    REFERENCE_W,
+    assert_matches_reference,
+    assert_reference_is_telling,
+    build_tiny_sam,
+    predictor_reference,
+    reference_image_u8,
+    reference_prompt,
+    save_reference_image,
+    save_tiny_sam,
+    textured_image,
+)
 
 BOXES = json.dumps(
     {
@@ -31,7 +47,25 @@ def sam_files(comfy):
     torch.save({"x": _TouchOnLoad(str(d / "pickle_ran.txt"))}, d / "needs_code.pth")
     data = (d / "tiny_sam.pth").read_bytes()
     (d / "truncated_sam.pth").write_bytes(data[: len(data) // 3])
+    (d / "empty_sam.pth").write_bytes(b"")
+    (d / "random_bytes_sam.pth").write_bytes(bytes([0x13]) + random.Random(0).randbytes(4095))
+    for name, key, value in BROKEN_WEIGHTS:
+        sd = build_tiny_sam().state_dict()
+        sd[key] = sd[key].clone()
+        sd[key].view(-1)[3] = value
+        if name.endswith(".safetensors"):
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(d / name))
+        else:
+            torch.save(sd, d / name)
     return d
+
+
+# Weights that load but would give all-zero masks without any error: (file, key, bad value).
+BROKEN_WEIGHTS = [
+    ("nan_sam.pth", "mask_decoder.output_upscaling.0.weight", float("nan")),
+    ("inf_sam.safetensors", "image_encoder.blocks.0.attn.qkv.weight", float("inf")),
+    ("huge_sam.pth", "prompt_encoder.point_embeddings.2.weight", 1e30),
+]
 
 
 class _TouchOnLoad:
@@ -177,3 +211,178 @@ def test_bad_box_inputs_are_clear_errors(comfy, sam_files, regions, bboxes, word
     with pytest.raises(ValueError) as info:
         node.execute(_tiny_handle(comfy), image, regions=regions, bboxes=bboxes)
     assert str(info.value).startswith("SAM Masks:") and words in str(info.value)
+
+
+# ------------------------------------------ the node's masks against segment-anything's own predictor
+
+REF_H, REF_W, REF_BOXES, REF_IMAGE = REFERENCE_H, REFERENCE_W, REFERENCE_BOXES, REFERENCE_IMAGE
+
+
+@pytest.fixture(scope="module")
+def reference_image(comfy):
+    """A textured picture in ComfyUI's input folder (LoadImage gives it back as exact k/255 floats)."""
+    return save_reference_image(comfy.input_dir)
+
+
+@pytest.fixture(scope="module")
+def reference_masks(reference_image):
+    """SamPredictor on each box alone, multimask and single, with the same seeded tiny SAM as the file."""
+    sam = build_tiny_sam()
+    out = {}
+    for multimask in (True, False):
+        masks, logits, _ = predictor_reference(sam, reference_image, REF_BOXES, multimask)
+        full, _, _ = predictor_reference(sam, reference_image, [[0, 0, REF_W, REF_H]], multimask)
+        assert_reference_is_telling(masks, full[0])
+        out[multimask] = (masks, logits)
+    return out
+
+
+def check_a_valid_prompt_runs(comfy, reference_masks):
+    """The next, valid prompt (a fresh run) gives SamPredictor's masks: no state was left broken."""
+    result = comfy.run(reference_prompt())
+    assert result.success, result.error
+    masks, logits = reference_masks[True]
+    assert_matches_reference(comfy.output_value(result, "4", 0), masks, logits, "mask after an error")
+
+
+@pytest.mark.parametrize("multimask", [True, False], ids=["multimask", "single"])
+@pytest.mark.parametrize("via", ["regions", "bbox_link", "value"])
+def test_node_masks_equal_sam_predictor_on_each_box_alone(comfy, sam_files, reference_masks, via, multimask):
+    """With no dilation, feathering or cut, the node's masks are SamPredictor's for each box on its own.
+
+    Catches empty masks, masks that ignore or mix up the boxes, a wrong candidate choice, a model that was
+    loaded wrongly, and an image that reaches SAM converted wrongly (LoadImage's floats -> uint8)."""
+    result = comfy.run(reference_prompt(multimask=multimask, via=via, bboxes=REF_BOXES))
+    assert result.success, result.error
+    masks, logits = reference_masks[multimask]
+    out = comfy.output_value(result, "4", 0)
+    assert out.shape == (3, REF_H, REF_W) and out.dtype == torch.float32
+    assert_matches_reference(out, masks, logits)
+    regions = comfy.output_value(result, "4", 1)
+    if via == "regions":
+        assert torch.equal(regions.masks(), out)
+
+
+def test_per_image_box_lists_equal_sam_predictor_per_image(comfy, sam_files):
+    sam = build_tiny_sam()
+    images = [textured_image(48, 64, seed=21), textured_image(48, 64, seed=22)]
+    per_image = [[[2, 2, 40, 44]], [[20, 4, 62, 30], [4, 10, 36, 46]]]
+    batch = torch.stack(images).float() / 255
+    node = comfy.node_class("MultiConceptSAMMasks")
+    masks, _ = node.execute(_tiny_handle(comfy), batch, bboxes=per_image, keep_inside_box=False).result
+    assert masks.shape == (3, 48, 64)
+    rows = iter(masks)
+    for image, boxes in zip(images, per_image, strict=True):
+        reference, logits, _ = predictor_reference(sam, image, boxes, multimask=True)
+        full, _, _ = predictor_reference(sam, image, [[0, 0, 64, 48]], multimask=True)
+        assert 0 < reference.sum() and not torch.equal(reference[0], full[0])
+        assert_matches_reference(torch.stack([next(rows) for _ in boxes]), reference, logits)
+
+
+# ------------------------------------------------------------------------- bad SAM files, bad boxes
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("empty_sam.pth", ["is empty (0 bytes)", "did not finish"]),
+        ("random_bytes_sam.pth", ["is not a PyTorch or safetensors file", "starts with the bytes 13"]),
+        ("nan_sam.pth", ["mask_decoder.output_upscaling.0.weight", "NaN or infinite", "empty masks"]),
+        ("inf_sam.safetensors", ["image_encoder.blocks.0.attn.qkv.weight", "NaN or infinite"]),
+        ("huge_sam.pth", ["prompt_encoder.point_embeddings.2.weight", "1e+30", "far beyond"]),
+    ],
+)
+def test_broken_sam_files_are_refused_and_the_next_prompt_runs(comfy, sam_files, reference_masks, name, words):
+    result = comfy.run(reference_prompt(name))
+    assert not result.success
+    message = result.error["exception_message"]
+    assert result.error["node_type"] == "MultiConceptSAMLoader", result.error
+    assert message.startswith("SAM Loader:") and name in message and "models/sams" in message, message
+    for w in words:
+        assert w in message, (w, message)
+    assert "pickle code" not in message and "IndexError" not in message
+    check_a_valid_prompt_runs(comfy, reference_masks)
+
+
+def test_huge_boxes_are_clipped_to_the_image_with_a_warning(comfy, sam_files, reference_masks, caplog):
+    """1e308 is a finite number: the box is clipped to the image and gets the clipped box's real mask."""
+    boxes = [[4, 6, 44, 60], [40, -1e308, 1e308, 34]]
+    with caplog.at_level(logging.WARNING, logger="multiconcept"):
+        result = comfy.run(reference_prompt(via="value", bboxes=boxes))
+    assert result.success, result.error
+    assert "box 2 [40, -1e+308, 1e+308, 34] reaches outside the 96x64 image; clipped to [40, 0, 96, 34]" in caplog.text
+    assert "box 1" not in caplog.text
+    out = comfy.output_value(result, "4", 0)
+    clipped = [[4, 6, 44, 60], [40, 0, 96, 34]]
+    reference, logits, _ = predictor_reference(build_tiny_sam(), reference_image_u8(), clipped, True)
+    assert reference[1].sum() > 0
+    assert_matches_reference(out, reference, logits)
+    # a Python int too big for a float, straight into the node: clipped the same way
+    node = comfy.node_class("MultiConceptSAMMasks")
+    image = (reference_image_u8().float() / 255)[None]
+    masks, _ = node.execute(_tiny_handle(comfy), image, bboxes=[[40, 0, 10**400, 34]], keep_inside_box=False).result
+    assert torch.equal(masks[0], out[1])
+
+
+@pytest.mark.parametrize(
+    "bboxes, words",
+    [
+        ([[100, 70, 120, 90]], ["box 1 [100, 70, 120, 90] lies outside the 96x64 image", "Move it inside"]),
+        ([[4, 6, 44, 60], [-50, 10, 0, 40]], ["box 2 [-50, 10, 0, 40] lies outside", "x from 0 to 96"]),
+        ([[4, 6, 44, 60], [1e308, 0, 2e308, 10]], ["box 2 ", "lies outside the 96x64 image"]),
+        ([[10, 10, 5, 20]], ["box 1 [10, 10, 5, 20] has no area", "x1 > x0"]),
+    ],
+)
+def test_boxes_with_nothing_inside_the_image_are_errors(comfy, sam_files, reference_masks, bboxes, words):
+    result = comfy.run(reference_prompt(via="value", bboxes=bboxes))
+    assert not result.success
+    message = result.error["exception_message"]
+    assert message.startswith("SAM Masks:"), message
+    for w in words:
+        assert w in message, (w, message)
+    check_a_valid_prompt_runs(comfy, reference_masks)
+
+
+EXPECTED_FORMAT = "Give boxes as [x0, y0, x1, y1] pixel numbers: one list of boxes for all images"
+
+
+@pytest.mark.parametrize(
+    "bboxes, words",
+    [
+        ("0, 0, 10, 10", ["bboxes is a str ('0, 0, 10, 10'), not a list"]),
+        ({"x0": 0, "y0": 0, "x1": 10, "y1": 10}, ["bboxes is a dict ({'x0': 0,"]),
+        ([None], ["box 1 is None (a NoneType)"]),
+        ([[None, 0, 10, 10]], ["box 1 is [None, 0, 10, 10] (it holds a NoneType"]),
+        ([["0", "0", "10", "10"]], ["box 1 is ['0', '0', '10', '10'] (it holds a str"]),
+        ([[{"x": 0, "y": 0, "w": 10, "h": 10}]], ["box 1 is [{'x': 0,", "(1 value)"]),
+        ([[[0, 0, 10, 10], "junk"], [[1, [2]]]], ["box 2 is 'junk' (a str)"]),
+        ([[True, 0, 10, 10]], ["(it holds a bool"]),
+        ([[0, 0, 10]], ["box 1 is [0, 0, 10] (3 values)"]),
+        ([[0, 0, float("nan"), 10]], ["box 1 [0, 0, nan, 10] holds NaN"]),
+        ([], ["there are no boxes to segment"]),
+    ],
+    ids=["string", "dict", "none", "none-inside", "strings", "dict-box", "nested", "bool", "three", "nan", "empty"],
+)
+def test_bbox_values_that_are_not_boxes_say_what_came_and_what_is_expected(
+    comfy, sam_files, reference_masks, bboxes, words
+):
+    result = comfy.run(reference_prompt(via="value", bboxes=bboxes))
+    assert not result.success
+    message = result.error["exception_message"]
+    assert message.startswith("SAM Masks:") and EXPECTED_FORMAT in message, message
+    assert "one such list per image" in message
+    for w in words:
+        assert w in message, (w, message)
+    check_a_valid_prompt_runs(comfy, reference_masks)
+
+
+def test_a_single_box_and_tensor_boxes_are_accepted(comfy, sam_files, reference_masks):
+    node = comfy.node_class("MultiConceptSAMMasks")
+    image = (reference_image_u8().float() / 255)[None]
+    masks, logits = reference_masks[True]
+    single, _ = node.execute(_tiny_handle(comfy), image, bboxes=REF_BOXES[1], keep_inside_box=False).result
+    assert_matches_reference(single, masks[1:2], logits[1:2])
+    as_tensor, _ = node.execute(
+        _tiny_handle(comfy), image, bboxes=torch.tensor(REF_BOXES), keep_inside_box=False
+    ).result
+    assert_matches_reference(as_tensor, masks, logits)

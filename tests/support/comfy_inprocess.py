@@ -2,8 +2,10 @@
 
 What ComfyUI's main.py would do, minus the server: CPU mode, model/input/output/temp folders registered
 through folder_paths, the built-in extra nodes, then this pack through ``nodes.load_custom_node`` (so the
-pack is imported exactly as ComfyUI imports it from custom_nodes/). Graphs run through a fresh
-``execution.PromptExecutor`` each time, so no node output is reused from an earlier run.
+pack is imported exactly as ComfyUI imports it from custom_nodes/). ``run`` executes each graph with a fresh
+``execution.PromptExecutor``, so no node output is reused from an earlier run. ``persistent()`` gives a
+session that keeps one executor (and its output cache) across runs, as a running server does: a loaded
+checkpoint is then reused by the next prompt, so whatever a node wrote into it would show there.
 
 Import order matters and is easy to get wrong:
 
@@ -60,16 +62,24 @@ class RunResult:
     executor: object = field(repr=False, default=None)
     prompt_id: str = ""
     sent: list = field(repr=False, default_factory=list)  # what the stub server would have sent
+    raw: dict = field(repr=False, default_factory=dict)  # node id -> its cached outputs when the run ended
 
     def value(self, node_id, index: int = 0):
         """The raw value output ``index`` of ``node_id`` produced in this run (e.g. an IMAGE tensor)."""
         return output_value(self, node_id, index)
 
+    @property
+    def cached(self) -> list[str]:
+        """The node ids the executor took from its cache instead of running (the execution_cached message)."""
+        return [n for event, data in self.messages if event == "execution_cached" for n in data["nodes"]]
+
 
 def output_value(result: RunResult, node_id, index: int = 0):
     if result.executor is None:
         raise KeyError(f"the prompt did not execute (validation failed: {result.error})")
-    entry = result.executor.caches.outputs.get(str(node_id))  # execution.py caches [[batch values], ...]
+    # execution.py caches [[batch values], ...]; taken when the run ended (a persistent executor's cache
+    # moves on with its next prompt)
+    entry = result.raw.get(str(node_id))
     if entry is None:
         raise KeyError(f"node {node_id} produced no cached output in this run")
     outputs = getattr(entry, "outputs", entry)
@@ -184,6 +194,18 @@ class InProcessComfy:
         """
         import execution
 
+        server = ServerStub()
+        return self._execute(
+            prompt, outputs, client_id, server, lambda: execution.PromptExecutor(server, cache_type=False)
+        )
+
+    def persistent(self) -> PersistentSession:
+        """A session that runs every graph through one PromptExecutor, like a server between prompts."""
+        return PersistentSession(self)
+
+    def _execute(self, prompt: dict, outputs, client_id, server: ServerStub, make_executor) -> RunResult:
+        import execution
+
         prompt_id = str(uuid.uuid4())
         valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, outputs))
         if not valid[0]:
@@ -196,12 +218,13 @@ class InProcessComfy:
                 "node_errors": valid[3],
             }
             return RunResult(False, {}, error, [], None, prompt_id)
-        server = ServerStub()
-        executor = execution.PromptExecutor(server, cache_type=False)
+        server.messages = []
+        executor = make_executor()
         extra_data = {"client_id": client_id} if client_id else {}
         executor.execute(prompt, prompt_id, extra_data, valid[2])
         error = next((data for event, data in executor.status_messages if event == "execution_error"), None)
         history = getattr(executor, "history_result", None) or {}
+        raw = {str(n): executor.caches.outputs.get(str(n)) for n in prompt}
         return RunResult(
             executor.success and error is None,
             history.get("outputs", {}),
@@ -209,7 +232,8 @@ class InProcessComfy:
             list(executor.status_messages),
             executor,
             prompt_id,
-            server.messages,
+            list(server.messages),
+            {n: v for n, v in raw.items() if v is not None},
         )
 
     def output_value(self, result: RunResult, node_id, index: int = 0):
@@ -220,6 +244,26 @@ class InProcessComfy:
         """Where an ``{"filename", "subfolder", "type"}`` ui entry (e.g. from SaveImage) is on disk."""
         root = {"output": self.output_dir, "temp": self.temp_dir, "input": self.input_dir}[item.get("type", "output")]
         return root / item.get("subfolder", "") / item["filename"]
+
+
+class PersistentSession:
+    """One ``execution.PromptExecutor`` (classic cache, as ComfyUI's main.py makes it) for several runs.
+
+    Like a server between prompts, the executor keeps the outputs of nodes whose inputs did not change:
+    the CheckpointLoaderSimple of the next prompt hands out the *same* MODEL/CLIP/VAE objects. Only nodes
+    whose inputs changed run again; change an input (a SaveImage prefix, a seed) to force a re-run.
+    ``RunResult.cached`` lists the nodes taken from the cache in a run.
+    """
+
+    def __init__(self, comfy: InProcessComfy):
+        import execution
+
+        self.comfy = comfy
+        self.server = ServerStub()
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+
+    def run(self, prompt: dict, outputs: list[str] | None = None, client_id: str | None = None) -> RunResult:
+        return self.comfy._execute(prompt, outputs, client_id, self.server, lambda: self.executor)
 
 
 _SESSION: InProcessComfy | None = None

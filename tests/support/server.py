@@ -14,6 +14,7 @@ fixture's teardown and, as a last resort, at interpreter exit.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import re
 import shutil
@@ -240,7 +241,10 @@ class ComfyServer:
     def post_prompt(self, prompt: dict, client_id: str | None = None) -> str:
         """Queue an API-format prompt; returns its prompt_id. Raises PromptRejected (with ComfyUI's
         ``{"error": ..., "node_errors": ...}`` as ``.body``) when the server refuses it."""
-        r = self.post("/prompt", json={"prompt": prompt, "client_id": client_id or self.client_id})
+        # json.dumps with NaN/Infinity allowed (requests' json= refuses them): API clients can send them,
+        # and ComfyUI's server parses them, so the tests must be able to as well.
+        body = json.dumps({"prompt": prompt, "client_id": client_id or self.client_id}, allow_nan=True)
+        r = self.post("/prompt", data=body, headers={"Content-Type": "application/json"})
         try:
             body = r.json()
         except ValueError:

@@ -21,6 +21,16 @@ plus a prompt-dependent random part (about 4 % of it), samplers land on latents 
 different prompt gives a visibly different, unsaturated image. The TAESD decoder's last layer is biased
 to mid-grey for the same reason.
 
+Every tensor ComfyUI's SD1.5 loader can read is in the file, so a load leaves nothing uninitialised but
+``clip_l.transformer.text_projection.weight``, which no checkpoint key can reach: SD15.process_clip_state_dict
+renames every ``cond_stage_model.transformer.X`` not under ``text_model.`` to
+``cond_stage_model.transformer.text_model.X``, a name the model does not have (and the saving conversion
+drops the key anyway). ComfyUI keeps whatever memory that weight got, sometimes NaN; SD1.5 never uses it
+(its CLIP returns the unprojected pooled output). tests/integration/test_harness_smoke.py checks both, and
+tests compare weights bit for bit (tests/support/tensors.py) so that such memory cannot make them flaky.
+``clip_l.logit_scale``, which the saving conversion drops as well, is written back under the key the loader
+reads (``cond_stage_model.logit_scale``).
+
 The same seed always gives the same bytes. Needs ComfyUI importable (its model classes define the
 layout); nothing is downloaded. About 4-20 s on 2 CPU cores, 474 MB of fp16 safetensors.
 """
@@ -32,7 +42,7 @@ import os
 import torch
 
 # Bump when the recipe changes, so that a file built by an older recipe is never taken as current.
-RECIPE = "tiny-sd15-v2"
+RECIPE = "tiny-sd15-v3"
 
 UNET_CONFIG = {
     "use_checkpoint": False,
@@ -62,6 +72,7 @@ GROUP = 10  # channels per GroupNorm group at width 320 (32 groups)
 RANDOM_SHARE = 0.3  # how much of the deep (prompt-dependent) path reaches the last output block
 OUT_GAIN = 1.3  # brings the predicted noise back to unit scale once the random share is mixed in
 TAESD_SD15_SCALE = 0.18215
+LOGIT_SCALE = 4.6052  # CLIP's trained logit scale, log(100); unused by SD1.5
 DECODER_GAIN = 0.7  # TAESD decoder's last conv: image std about 0.1-0.25 around a mid-grey bias
 
 
@@ -138,6 +149,8 @@ def build_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
     sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
     sd.update(config.process_clip_state_dict_for_saving(clip.state_dict()))
+    # dropped by the saving conversion but read back by the loader: write it, so the load sets it too
+    sd["cond_stage_model.logit_scale"] = torch.tensor(LOGIT_SCALE)
     sd.update({f"first_stage_model.{k}": v for k, v in taesd.state_dict().items()})
     return {
         k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous() for k, v in sd.items()

@@ -67,3 +67,28 @@ def test_table_casts_once_per_run_and_survives_deepcopy():
     assert a.dtype == torch.float16 and table.get("u", torch.device("cpu"), torch.float16) is a
     assert table.get("other", torch.device("cpu"), torch.float32) is None
     assert copy.deepcopy(table) is table and bool(table) and len(table) == 1
+
+
+def _attn2_patch_call(value_is_context: bool, index: int):
+    """Call the pack's attn2 patch the way ComfyUI's BasicTransformerBlock does (value starts as context)."""
+    from multiconcept.samplers.edlora_model import TABLE_KEY, LayerwiseContextPatch
+
+    context = _ctx(2, 6, seed=1)  # chunk 0: the concept prompt (uuid "pos"), chunk 1: the negative
+    layers = torch.randn(1, 16, 6, 4, generator=torch.Generator().manual_seed(2))
+    value = context if value_is_context else context.clone()
+    extra = {TABLE_KEY: LayerwiseTable({"pos": layers}), "uuids": ["pos", "neg"], "transformer_index": index}
+    n = torch.zeros(1)
+    out_n, out_context, out_value = LayerwiseContextPatch()(n, context, value, extra)
+    return out_n is n, context, layers, out_context, out_value
+
+
+def test_attn2_patch_routes_key_and_value_context_of_every_layer():
+    """Mix-of-Show: layer i's key AND value projections read layer i's encoding (concept rows only)."""
+    for value_is_context in (True, False):  # value as ComfyUI starts it, or as an earlier patch left it
+        for index in range(16):
+            same_n, context, layers, k_in, v_in = _attn2_patch_call(value_is_context, index)
+            assert same_n
+            for name, routed in (("context (to_k)", k_in), ("value (to_v)", v_in)):
+                assert torch.equal(routed[0], layers[0, index]), f"{name}, layer {index}"
+                assert torch.equal(routed[1], context[1]), f"{name}, layer {index}: negative rows changed"
+            assert torch.equal(context, _ctx(2, 6, seed=1))  # nothing modified in place

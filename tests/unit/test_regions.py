@@ -79,3 +79,49 @@ def test_with_masks_prefers_masks_over_boxes():
     assert torch.equal(r.with_masks(custom).masks(), custom)
     with pytest.raises(RegionError):
         r.with_masks(torch.zeros(2, 4, 4))
+
+
+def _cover(start: float, stop: float, cells: int) -> list[float]:
+    """Expected coverage of cells 0..cells-1 by [start, stop) along one axis (written out, not box_mask)."""
+    return [max(0.0, min(i + 1.0, stop) - max(float(i), start)) for i in range(cells)]
+
+
+def test_box_masks_on_a_non_square_image_at_latent_size():
+    # 640x384 image, box x 68..328, y 100..280 px; the latent is 80 wide and 48 high (1/8 on both axes)
+    r = parse_regions(json.dumps({"units": "px", "boxes": [{"x": 68, "y": 100, "w": 260, "h": 180}]}), 640, 384)
+    m = r.box_masks(48, 80)[0]
+    assert m.shape == (48, 80)
+    # x 8.5..41, y 12.5..35 in latent cells: 32.5 x 22.5 cells
+    assert float(m.sum()) == 32.5 * 22.5
+    assert m[:, :8].max() == 0 and m[:, 41:].max() == 0 and m[:12].max() == 0 and m[35:].max() == 0
+    assert m[13:35, 9:41].min() == 1
+    assert m[12, 8] == 0.25 and m[12, 9] == 0.5 and m[13, 8] == 0.5 and m[34, 40] == 1
+    assert m.sum(0).tolist() == [22.5 * c for c in _cover(8.5, 41, 80)]  # column sums: x coverage
+    assert m.sum(1).tolist() == [32.5 * c for c in _cover(12.5, 35, 48)]  # row sums: y coverage
+    assert torch.equal(r.masks(48, 80)[0], m)  # masks() falls back to the same box mask
+
+
+def test_box_masks_scale_each_axis_by_its_own_factor():
+    # 640x384 image to 40 wide (1/16) and 96 high (1/4): x 68..328 -> 4.25..20.5, y 100..280 -> 25..70
+    r = parse_regions(
+        json.dumps(
+            {
+                "units": "px",
+                "boxes": [{"x": 68, "y": 100, "w": 260, "h": 180}, {"x": 0, "y": 0, "w": 320, "h": 96}],
+            }
+        ),
+        640,
+        384,
+    )
+    masks = r.box_masks(96, 40)
+    assert masks.shape == (2, 96, 40)
+    m = masks[0]
+    assert m.sum(0).tolist() == [45.0 * c for c in _cover(4.25, 20.5, 40)]
+    assert m.sum(1).tolist() == [16.25 * c for c in _cover(25, 70, 96)]
+    assert float(m.sum()) == 16.25 * 45
+    # the second box: the left half, top quarter of the image
+    assert masks[1][:24, :20].min() == 1 and float(masks[1].sum()) == 24 * 20
+    # at image size nothing is scaled
+    full = r.box_masks()
+    assert full.shape == (2, 384, 640) and float(full[0].sum()) == 260 * 180
+    assert full[0, 100:280, 68:328].min() == 1 and float(full[1].sum()) == 320 * 96

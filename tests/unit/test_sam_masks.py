@@ -8,6 +8,7 @@ import torch
 from multiconcept.samplers.sam_masks import (
     SamFileError,
     build_sam,
+    clip_box,
     default_global_indexes,
     detect_sam_architecture,
     dilate,
@@ -16,7 +17,13 @@ from multiconcept.samplers.sam_masks import (
     load_sam,
     masks_for_boxes,
 )
-from tests.support.tiny_sam import build_tiny_sam
+from tests.support.tiny_sam import (
+    assert_matches_reference,
+    assert_reference_is_telling,
+    build_tiny_sam,
+    predictor_reference,
+    textured_image,
+)
 
 
 def synthetic_state_dict(embed, depth, heads, global_idx, img=1024, patch=16, window=14):
@@ -179,3 +186,49 @@ def test_clean_up_chain_never_leaves_the_box():
     outside = m.clone()
     outside[12:51, 10:40] = 0
     assert outside.sum() == 0
+
+
+# ------------------------------------------------------------- against segment-anything's own predictor
+
+
+SCENES = [  # (height, width, boxes in pixels): smaller and larger than the model's 256 px input
+    (48, 80, [[4, 4, 30, 40], [40, 8, 76, 44], [20.5, 10.25, 61, 47.5]]),
+    (96, 64, [[2, 6, 40, 60], [24, 40, 62, 94], [8, 30, 56, 70]]),
+    (200, 320, [[10, 20, 150, 190], [170, 5, 310, 120], [90, 60, 250, 160]]),
+]
+
+
+@pytest.mark.parametrize("multimask", [True, False], ids=["multimask", "single"])
+@pytest.mark.parametrize("h, w, boxes", SCENES, ids=[f"{h}x{w}" for h, w, _ in SCENES])
+def test_masks_for_boxes_equal_sam_predictor_on_each_box_alone(h, w, boxes, multimask):
+    """Our batched masks, before any clean-up, are exactly SamPredictor's for each box on its own.
+
+    Catches masks that are empty, that ignore the box (e.g. the whole-image box used for every box), that
+    belong to another box, or that pick a different candidate than the best predicted IoU."""
+    sam, _ = load_sam(build_tiny_sam().state_dict())
+    image = textured_image(h, w, seed=h + w)
+    reference, logits, ref_scores = predictor_reference(sam, image, boxes, multimask)
+    full, _, _ = predictor_reference(sam, image, [[0, 0, w, h]], multimask)
+    assert_reference_is_telling(reference, full[0])
+    masks, scores = masks_for_boxes(sam, image.float() / 255, boxes, multimask=multimask)  # ComfyUI IMAGE floats
+    assert masks.dtype == torch.float32 and masks.shape == (len(boxes), h, w)
+    assert_matches_reference(masks, reference, logits)
+    assert torch.allclose(scores, ref_scores, atol=1e-5), (scores, ref_scores)
+
+
+def test_the_tiny_sam_gives_masks_that_depend_on_the_box():
+    """The test model itself: masks neither empty nor full, and different boxes give different masks."""
+    sam = build_tiny_sam()
+    image = textured_image(64, 64, seed=7)
+    boxes = [[0, 0, 32, 32], [32, 0, 64, 32], [0, 32, 32, 64], [32, 32, 64, 64], [16, 16, 48, 48]]
+    for multimask in (True, False):
+        reference, logits, _ = predictor_reference(sam, image, boxes, multimask)
+        full, _, _ = predictor_reference(sam, image, [[0, 0, 64, 64]], multimask)
+        assert_reference_is_telling(reference, full[0])
+        assert logits.abs().max() < 10  # logits near zero: a change of box moves the threshold crossing
+
+
+def test_clip_box():
+    assert clip_box((-5, -1e308, 1e308, 30), 64, 48) == (0.0, 0.0, 64.0, 30.0)
+    assert clip_box((1.5, 2.5, 10, 20), 64, 48) == (1.5, 2.5, 10.0, 20.0)
+    assert clip_box((70, 0, 1e308, 10), 64, 48) is None and clip_box((0, -20, 10, 0), 64, 48) is None

@@ -1,0 +1,259 @@
+"""Fuzzing every node of the pack through a real ComfyUI server.
+
+For each MultiConcept* node the server lists in /object_info, a small valid graph is built around it
+(providers for its socket inputs, a PreviewAny on its first output). Then each widget input in turn gets
+generated bad values — malformed, wrong type, NaN, infinite, huge, empty, overlong, control characters,
+path tricks — one prompt each. Whatever happens, it must be one of:
+
+* the prompt is refused (HTTP 400) with errors attached to *our* node (the node the user must fix), none
+  of them an "Exception when validating" crash, and any message of our own starts with the node's name;
+* it runs and fails in our node with a ``NodeError`` whose message starts with the node's name;
+* it runs successfully (the value was acceptable, e.g. an empty optional text).
+
+After each prompt the server must still answer, and at the end a plain txt2img prompt must give exactly
+the image it gave before the fuzzing started. A node with a socket type that has no provider below fails
+the test: add one when adding a node.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.support.edlora_factory import official_edlora
+from tests.support.graphs import plain_txt2img
+from tests.support.server import PromptRejected
+
+pytestmark = pytest.mark.e2e
+
+EDLORA = "fz_concept.pth"
+SAM = "fz_tiny_sam.pth"
+REGIONS_JSON = (
+    '{"version": 1, "boxes": [{"x": 0.1, "y": 0.1, "w": 0.4, "h": 0.5, "prompt": "a cat", "label": "cat"},'
+    ' {"x": 0.5, "y": 0.2, "w": 0.4, "h": 0.6, "prompt": "a dog", "label": "dog"}]}'
+)
+
+# Bad values per widget kind. Lists of length 2 look like links to ComfyUI: ([x] and 3-lists are "bad link").
+BAD = {
+    "INT": ["abc", None, [1], {"v": 1}, 2**70, -(2**70), math.nan, "1e400", 3.5, True],
+    "FLOAT": ["abc", None, [0.5], {"v": 1}, math.nan, math.inf, -math.inf, 1e308, -1e308, "nan"],
+    "BOOLEAN": ["yes", None, 2, [True], {"v": 1}],
+    "STRING": [
+        "",
+        " ",
+        "x" * 200_001,
+        "nul\x00char",
+        "\n" * 500,
+        "{" * 5000,
+        "[" * 5000 + "]" * 5000,
+        12345,
+        ["a", "b", "c"],
+        {"boxes": []},
+        "../../etc/passwd",
+        "(((((((((((((",
+        "<cat1> " * 2000,
+    ],
+    "COMBO": ["", "nope.pth", 123, None, "../../checkpoints/x.safetensors", "a\nb", "x" * 300, "/etc/passwd"],
+}
+
+
+def _kind(spec) -> str | None:
+    """The widget kind of an /object_info input spec, or None for a socket (linked) input."""
+    t = spec[0]
+    if isinstance(t, list):
+        return "COMBO"
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if t == "COMBO" or "options" in options:
+        return "COMBO"
+    if options.get("forceInput"):
+        return None
+    if t in ("INT", "FLOAT", "BOOLEAN", "STRING"):
+        return t
+    if t == "MC_REGIONS_EDITOR":  # the region canvas: a JSON string widget
+        return "STRING"
+    return None
+
+
+def _providers(ckpt: str) -> dict:
+    """Socket type -> (nodes to add, link). Node ids are fixed so graphs stay small and cacheable."""
+    return {
+        "MODEL": ({"p_ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}, ["p_ckpt", 0]),
+        "CLIP": ({"p_ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}, ["p_ckpt", 1]),
+        "VAE": ({"p_ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}, ["p_ckpt", 2]),
+        "IMAGE": (
+            {
+                "p_img": {
+                    "class_type": "EmptyImage",
+                    "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 8421504},
+                }
+            },
+            ["p_img", 0],
+        ),
+        "REGIONS": (
+            {
+                "p_reg": {
+                    "class_type": "MultiConceptRegions",
+                    "inputs": {"width": 64, "height": 64, "regions": REGIONS_JSON},
+                }
+            },
+            ["p_reg", 0],
+        ),
+        "MASK": (
+            {
+                "p_reg": {
+                    "class_type": "MultiConceptRegions",
+                    "inputs": {"width": 64, "height": 64, "regions": REGIONS_JSON},
+                }
+            },
+            ["p_reg", 1],
+        ),
+        "BBOX": (
+            {
+                "p_reg": {
+                    "class_type": "MultiConceptRegions",
+                    "inputs": {"width": 64, "height": 64, "regions": REGIONS_JSON},
+                }
+            },
+            ["p_reg", 2],
+        ),
+        "SAM_MODEL": ({"p_sam": {"class_type": "MultiConceptSAMLoader", "inputs": {"sam_name": SAM}}}, ["p_sam", 0]),
+        "EDLORA_CONCEPT": (
+            {
+                "p_ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+                "p_ed": {
+                    "class_type": "MultiConceptEDLoRALoader",
+                    "inputs": {
+                        "model": ["p_ckpt", 0],
+                        "clip": ["p_ckpt", 1],
+                        "edlora_name": EDLORA,
+                        "strength_unet": 0.7,
+                        "strength_text": 0.7,
+                    },
+                },
+            },
+            ["p_ed", 2],
+        ),
+    }
+
+
+# Valid values for widgets whose default would not run here (file pickers).
+GOOD_COMBO = {"edlora_name": EDLORA, "sam_name": SAM}
+# Optional sockets a node needs one of to run.
+OPTIONAL_LINKS = {"MultiConceptSAMMasks": ("regions",)}
+
+
+def _base_graph(node_id: str, info: dict, ckpt: str) -> tuple[dict, list[tuple[str, str]]]:
+    """A valid prompt around ``node_id`` (as node "n") and the (input, kind) pairs to fuzz."""
+    providers = _providers(ckpt)
+    prompt: dict = {}
+    inputs: dict = {}
+    widgets = []
+    for section in ("required", "optional"):
+        for name, spec in (info["input"].get(section) or {}).items():
+            kind = _kind(spec)
+            if kind is None:
+                if section == "optional" and name not in OPTIONAL_LINKS.get(node_id, ()):
+                    continue
+                socket = spec[0]
+                assert socket in providers, f"{node_id}.{name}: add a provider for socket type {socket} to this test"
+                nodes, link = providers[socket]
+                prompt.update(copy.deepcopy(nodes))
+                inputs[name] = link
+                continue
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if kind == "COMBO":
+                choices = spec[0] if isinstance(spec[0], list) else options.get("options", [])
+                value = GOOD_COMBO.get(name, choices[0] if choices else "")
+            else:
+                value = options.get("default", {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False, "STRING": ""}[kind])
+            if section == "required" or kind != "COMBO":
+                inputs[name] = value
+            widgets.append((name, kind))
+    prompt["n"] = {"class_type": node_id, "inputs": inputs}
+    prompt["out"] = {"class_type": "PreviewAny", "inputs": {"source": ["n", 0]}}
+    return prompt, widgets
+
+
+def _plain_pixels(server, ckpt: str, prefix: str) -> np.ndarray:
+    from PIL import Image
+
+    entry = server.run(plain_txt2img(ckpt, prefix=prefix), timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    item = entry["outputs"]["7"]["images"][0]
+    with Image.open(server.output_file(item["filename"], item["subfolder"], item["type"])) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.std() > 3, "the plain image is flat: comparing it would prove nothing"
+    return pixels
+
+
+@pytest.fixture(scope="module")
+def fuzz_files(comfy_server):
+    from tests.support.tiny_sam import save_tiny_sam
+
+    models = comfy_server.base_dir / "models"
+    torch.save(official_edlora(seed=77), models / "loras" / EDLORA)
+    save_tiny_sam(models / "sams" / SAM)
+    return models
+
+
+def _check_outcome(server, node_id: str, display: str, prompt: dict, what: str) -> str:
+    """Post one fuzzed prompt; assert the outcome is clean; return "refused", "failed" or "ran"."""
+    try:
+        prompt_id = server.post_prompt(prompt)
+    except PromptRejected as rejected:
+        body = rejected.body
+        assert rejected.status == 400 and isinstance(body, dict), (what, rejected)
+        errors = body.get("node_errors") or {}
+        ours = errors.get("n")
+        assert ours and ours["class_type"] == node_id, (what, body)  # blame lands on the fuzzed node
+        for err in ours["errors"]:
+            assert not err["type"].startswith("exception_during"), (what, err)
+            details = err.get("details", "")
+            if err["type"] == "custom_validation_failed":
+                text = details.split(" - ", 1)[-1]
+                assert display.startswith(text.split(": ", 1)[0]), (what, details)
+        return "refused"
+    entry = server.wait(prompt_id, timeout=300)
+    status = entry["status"]
+    if status["status_str"] == "success":
+        return "ran"
+    failures = [data for event, data in status["messages"] if event == "execution_error"]
+    assert len(failures) == 1, (what, status)
+    failure = failures[0]
+    assert failure["node_id"] == "n" and failure["node_type"] == node_id, (what, failure)
+    message = failure["exception_message"].strip()
+    prefix = message.split(": ", 1)[0]
+    assert display.startswith(prefix) and len(prefix) >= 3, (what, message)
+    assert failure["exception_type"].endswith("NodeError"), (what, failure["exception_type"], message)
+    assert not what.endswith("baseline"), f"{what} must run, but failed: {message}"
+    return "failed"
+
+
+def test_every_node_survives_bad_values(comfy_server, tiny_checkpoint, fuzz_files):
+    before = _plain_pixels(comfy_server, tiny_checkpoint, "fuzz_before")
+    info = comfy_server.object_info()
+    ours = sorted(k for k in info if k.startswith("MultiConcept"))
+    assert ours, "the pack's nodes are not listed"
+    tally: dict[str, dict[str, int]] = {}
+    for node_id in ours:
+        display = info[node_id]["display_name"]
+        base, widgets = _base_graph(node_id, info[node_id], tiny_checkpoint)
+        # the untouched graph must run: otherwise every "clean failure" below would prove nothing
+        assert _check_outcome(comfy_server, node_id, display, base, f"{node_id} baseline") == "ran"
+        counts = tally.setdefault(node_id, {"refused": 0, "failed": 0, "ran": 0})
+        for name, kind in widgets:
+            for value in BAD[kind]:
+                prompt = copy.deepcopy(base)
+                prompt["n"]["inputs"][name] = value
+                what = f"{node_id}.{name} = {value!r:.60}"
+                counts[_check_outcome(comfy_server, node_id, display, prompt, what)] += 1
+                assert comfy_server.get("/system_stats").status_code == 200, what
+    after = _plain_pixels(comfy_server, tiny_checkpoint, "fuzz_after")
+    assert np.array_equal(before, after), "a plain prompt gives another image after the fuzzing"
+    total = sum(sum(c.values()) for c in tally.values())
+    assert total >= 100, tally
+    print("fuzz outcomes per node:", tally)
