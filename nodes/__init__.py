@@ -5,8 +5,10 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
+from .concept_stack import ConceptStackEDLoRA, ConceptStackLoaded, ConceptStackLoRA
 from .edlora_convert import EDLoRAConvert
 from .edlora_loader import EDLoRALoader
+from .regional_lora import RegionalLoRA
 from .regions import Regions
 from .sam import SAMLoader, SAMMasks
 
@@ -16,6 +18,10 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     Regions,
     SAMLoader,
     SAMMasks,
+    ConceptStackEDLoRA,
+    ConceptStackLoRA,
+    ConceptStackLoaded,
+    RegionalLoRA,
 ]
 
 

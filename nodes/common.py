@@ -18,7 +18,7 @@ CATEGORY_ROOT = "multi-concept"
 CATEGORY_EDLORA = f"{CATEGORY_ROOT}/ED-LoRA"
 CATEGORY_REGIONS = f"{CATEGORY_ROOT}/regions"
 
-# A loaded concept: its prompt words, class word and source file (samplers.concepts.EDLoRAConcept).
+# A loaded concept: its prompt words, class word and source file (samplers.edlora.vocabulary.EDLoRAConcept).
 EDLoRAConceptType = io.Custom("EDLORA_CONCEPT")
 
 # The concepts of one picture (samplers.concept_stack.ConceptStack), read by every composition method.

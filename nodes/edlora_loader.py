@@ -7,7 +7,7 @@ from collections import OrderedDict
 
 from comfy_api.latest import io
 
-from ..samplers.edlora_model import EDLoRAApplyError, apply_edlora
+from ..samplers.edlora.model import EDLoRAApplyError, apply_edlora
 from ..training.edlora_file import EDLoRAFileError, EDLoRAWeights, read_edlora
 from .common import (
     CATEGORY_EDLORA,

@@ -6,8 +6,8 @@ import logging
 
 from comfy_api.latest import io
 
-from ..samplers.region_preview import draw_regions
 from ..samplers.regions import MAX_REGIONS, RegionError, parse_regions, validate_regions_json
+from ..samplers.regions.preview import draw_regions
 from .common import CATEGORY_REGIONS, NodeError, checked_inputs, guarded_validation
 
 NODE_NAME = "Regions"

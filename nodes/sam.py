@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from comfy_api.latest import io
 
-from ..samplers.sam_masks import SamFileError, clip_box, dilate, feather, load_sam, masks_for_boxes
-from ..samplers.sam_masks import keep_inside_box as cut_to_box
+from ..samplers.regions.sam import SamFileError, clip_box, dilate, feather, load_sam, masks_for_boxes
+from ..samplers.regions.sam import keep_inside_box as cut_to_box
 from ..training.checkpoint_io import CheckpointFileError, check_weight_tensor, read_tensor_file
 from .common import (
     CATEGORY_REGIONS,

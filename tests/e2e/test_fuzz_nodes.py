@@ -23,6 +23,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from tests.support.edlora_factory import official_edlora
 from tests.support.graphs import plain_txt2img
@@ -31,6 +32,7 @@ from tests.support.server import PromptRejected
 pytestmark = pytest.mark.e2e
 
 EDLORA = "fz_concept.pth"
+LORA = "fz_lora.safetensors"
 SAM = "fz_tiny_sam.pth"
 REGIONS_JSON = (
     '{"version": 1, "boxes": [{"x": 0.1, "y": 0.1, "w": 0.4, "h": 0.5, "prompt": "a cat", "label": "cat"},'
@@ -137,11 +139,27 @@ def _providers(ckpt: str) -> dict:
             },
             ["p_ed", 2],
         ),
+        "CONCEPT_STACK": (
+            {
+                "p_stack": {
+                    "class_type": "MultiConceptStackEDLoRA",
+                    "inputs": {
+                        "edlora_name": EDLORA,
+                        "strength_unet": 0.7,
+                        "strength_text": 0.7,
+                        "region_label": "cat",
+                    },
+                }
+            },
+            ["p_stack", 0],
+        ),
     }
 
 
 # Valid values for widgets whose default would not run here (file pickers).
-GOOD_COMBO = {"edlora_name": EDLORA, "sam_name": SAM}
+GOOD_COMBO = {"edlora_name": EDLORA, "sam_name": SAM, "lora_name": LORA}
+# Valid values for text widgets whose default would not run here.
+GOOD_TEXT = {("MultiConceptStackLoRA", "region_label"): "dog", ("MultiConceptStackEDLoRA", "region_label"): "cat"}
 # Optional sockets a node needs one of to run.
 OPTIONAL_LINKS = {"MultiConceptSAMMasks": ("regions",)}
 
@@ -170,6 +188,7 @@ def _base_graph(node_id: str, info: dict, ckpt: str) -> tuple[dict, list[tuple[s
                 value = GOOD_COMBO.get(name, choices[0] if choices else "")
             else:
                 value = options.get("default", {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False, "STRING": ""}[kind])
+                value = GOOD_TEXT.get((node_id, name), value)
             if section == "required" or kind != "COMBO":
                 inputs[name] = value
             widgets.append((name, kind))
@@ -196,6 +215,13 @@ def fuzz_files(comfy_server):
 
     models = comfy_server.base_dir / "models"
     torch.save(official_edlora(seed=77), models / "loras" / EDLORA)
+    prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    gen = torch.Generator().manual_seed(78)
+    save_file(
+        {f"{prefix}.lora_down.weight": torch.randn(4, 320, generator=gen) * 0.05,
+         f"{prefix}.lora_up.weight": torch.randn(320, 4, generator=gen) * 0.05, f"{prefix}.alpha": torch.tensor(4.0)},
+        str(models / "loras" / LORA),
+    )  # fmt: skip
     save_tiny_sam(models / "sams" / SAM)
     return models
 

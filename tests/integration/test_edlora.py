@@ -387,8 +387,8 @@ def test_stock_lora_loader_and_edlora_both_take_effect_in_one_graph(comfy, tiny_
     import importlib
 
     patcher_extension = importlib.import_module("comfy.patcher_extension")  # (`comfy` is the fixture here)
-    edlora_mod = comfy.pack_module("samplers.edlora_model")
-    clip_mod = comfy.pack_module("samplers.edlora_clip")
+    edlora_mod = comfy.pack_module("samplers.edlora.model")
+    clip_mod = comfy.pack_module("samplers.edlora.clip")
 
     name, params = cat_file
     lora, kohya = kohya_file

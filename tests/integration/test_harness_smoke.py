@@ -49,9 +49,9 @@ def test_pack_is_loaded_the_way_comfyui_loads_custom_nodes(comfy):
     assert comfy.version and comfy.version != "unknown"
     pack = sys.modules[comfy.pack_module_name]
     assert hasattr(pack, "comfy_entrypoint") and pack.WEB_DIRECTORY
-    module = comfy.pack_module("samplers.layerwise_context")
-    assert module.__name__ == f"{comfy.pack_module_name}.samplers.layerwise_context"
-    assert module is not sys.modules.get("multiconcept.samplers.layerwise_context")  # ComfyUI's copy, not ours
+    module = comfy.pack_module("samplers.edlora.layerwise")
+    assert module.__name__ == f"{comfy.pack_module_name}.samplers.edlora.layerwise"
+    assert module is not sys.modules.get("multiconcept.samplers.edlora.layerwise")  # ComfyUI's copy, not ours
     assert all(node_id.startswith("MultiConcept") for node_id in comfy.pack_node_ids)
     assert set(comfy.pack_node_ids) <= set(nodes.NODE_CLASS_MAPPINGS)
 

@@ -165,7 +165,7 @@ class InProcessComfy:
     # -- access -------------------------------------------------------------------------------
 
     def pack_module(self, dotted: str = ""):
-        """A module of the pack as ComfyUI loaded it, e.g. ``pack_module("samplers.layerwise_context")``."""
+        """A module of the pack as ComfyUI loaded it, e.g. ``pack_module("samplers.edlora.layerwise")``."""
         name = f"{self.pack_module_name}.{dotted}" if dotted else self.pack_module_name
         return importlib.import_module(name)
 

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from multiconcept.samplers.concept_tokens import (
+from multiconcept.samplers.edlora.clip import LAYERWISE_KEY, ConceptTextEncoder, ConceptTokenizer
+from multiconcept.samplers.edlora.tokens import (
     find_concept_words,
     layer_variants,
     make_marker,
     replace_placeholder_tokens,
     substitute_placeholder,
 )
-from multiconcept.samplers.concepts import ConceptEntry, ConceptVocabulary
-from multiconcept.samplers.edlora_clip import LAYERWISE_KEY, ConceptTextEncoder, ConceptTokenizer
+from multiconcept.samplers.edlora.vocabulary import ConceptEntry, ConceptVocabulary
 
 DIM = 8
 LAYERS = 16

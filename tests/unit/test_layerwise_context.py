@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from multiconcept.samplers.layerwise_context import LayerwiseContext, LayerwiseTable, layer_for, route_layer_context
+from multiconcept.samplers.edlora.layerwise import LayerwiseContext, LayerwiseTable, layer_for, route_layer_context
 
 
 def _ctx(rows, tokens, dim=4, seed=0):
@@ -71,7 +71,7 @@ def test_table_casts_once_per_run_and_survives_deepcopy():
 
 def _attn2_patch_call(value_is_context: bool, index: int):
     """Call the pack's attn2 patch the way ComfyUI's BasicTransformerBlock does (value starts as context)."""
-    from multiconcept.samplers.edlora_model import TABLE_KEY, LayerwiseContextPatch
+    from multiconcept.samplers.edlora.model import TABLE_KEY, LayerwiseContextPatch
 
     context = _ctx(2, 6, seed=1)  # chunk 0: the concept prompt (uuid "pos"), chunk 1: the negative
     layers = torch.randn(1, 16, 6, 4, generator=torch.Generator().manual_seed(2))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from multiconcept.samplers.sam_masks import (
+from multiconcept.samplers.regions.sam import (
     SamFileError,
     build_sam,
     clip_box,

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .regions import Regions
+from .layout import Regions
 
 
 def _rgb(color: str) -> tuple[int, int, int]:

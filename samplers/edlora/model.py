@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import logging
 
-from ..training.edlora_file import EDLoRAFileError, EDLoRAWeights
-from .concepts import ConceptEntry, EDLoRAConcept
-from .edlora_clip import LAYERWISE_KEY, concept_vocabulary_of, with_vocabulary
-from .layerwise_context import LayerwiseTable, route_layer_context
+from ...training.edlora_file import EDLoRAFileError, EDLoRAWeights
+from .clip import LAYERWISE_KEY, concept_vocabulary_of, with_vocabulary
+from .layerwise import LayerwiseTable, route_layer_context
+from .vocabulary import ConceptEntry, EDLoRAConcept
 
 log = logging.getLogger("multiconcept")
 
 ROUTING_KEY = "multiconcept.layerwise"
 TABLE_KEY = "multiconcept_layerwise_table"
+MERGED_KEY = "multiconcept_merged_concepts"  # uids of ED-LoRA concepts whose UNet LoRA this MODEL has merged
 SD15_CROSS_ATTENTION_LAYERS = 16
 
 
@@ -256,7 +257,11 @@ def apply_edlora(
         strength_unet=float(strength_unet),
         strength_text=float(strength_text),
         renamed_from=renamed_from,
+        weights=weights,
     )
+    if unet:  # remembered so that method nodes can refuse to scope a concept that is already merged
+        options = new_model.model_options.setdefault("transformer_options", {})
+        options[MERGED_KEY] = tuple(options.get(MERGED_KEY, ())) + (entry.uid,)
     return new_model, new_clip, concept
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .concept_tokens import make_marker
+from .tokens import make_marker
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,8 @@ class EDLoRAConcept:
     strength_unet: float
     strength_text: float
     renamed_from: tuple[str, ...] = ()
+    # The parsed file under the concept's (possibly renamed) words, so the concept can join a concept stack.
+    weights: object = field(default=None, compare=False, repr=False)
 
     @property
     def prompt_words(self) -> str:

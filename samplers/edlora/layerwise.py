@@ -1,6 +1,6 @@
 """Layer-wise text context (Mix-of-Show's ED-LoRA): one encoding of the prompt per cross-attention layer.
 
-Pure torch. The ComfyUI glue in ``edlora_model.py`` calls :func:`route_layer_context` from an
+Pure torch. The ComfyUI glue in ``model.py`` calls :func:`route_layer_context` from an
 ``attn2_patch``; everything here is checked on small tensors in the unit tests.
 """
 

@@ -14,7 +14,8 @@ Prompts without concept words go straight to the wrapped objects, so they encode
 
 from __future__ import annotations
 
-from .concept_tokens import (
+from .layerwise import LayerwiseContext
+from .tokens import (
     PLACEHOLDER_CANDIDATES,
     find_concept_words,
     has_markers,
@@ -22,8 +23,7 @@ from .concept_tokens import (
     replace_placeholder_tokens,
     substitute_placeholder,
 )
-from .concepts import ConceptVocabulary
-from .layerwise_context import LayerwiseContext
+from .vocabulary import ConceptVocabulary
 
 LAYERWISE_KEY = "multiconcept_layerwise"
 

@@ -1,0 +1,236 @@
+"""Concept stack nodes: each appends one concept (ED-LoRA or ordinary LoRA) to an optional incoming stack."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from ..samplers.concept_stack import Concept, ConceptStack
+from ..samplers.concept_stack.files import load_edlora, load_lora
+from ..training.checkpoint_io import CheckpointFileError
+from ..training.edlora_file import EDLoRAFileError, validate_concept_words
+from .common import (
+    CATEGORY_CONCEPTS,
+    EDLORA_SUFFIXES,
+    LORA_SUFFIXES,
+    ConceptStackType,
+    EDLoRAConceptType,
+    NodeError,
+    check_model_file,
+    checked_inputs,
+    guarded_validation,
+    list_model_files,
+    resolve_model_file,
+)
+
+log = logging.getLogger("multiconcept")
+
+STACK_TOOLTIP = "Optional: the concepts added so far. Chain these nodes to build the concepts of one picture."
+LABEL_TOOLTIP = (
+    "The label of the region this concept belongs to (the 'label' of a box in the Regions node). Method nodes "
+    "place the concept in the region with this label. Empty: the concept is not placed in a region."
+)
+CLASS_TOOLTIP = "The concept's class ('man', 'dog', 'chair'), used where a method needs a class-only prompt."
+
+
+def _stack_outputs():
+    return [
+        ConceptStackType.Output(display_name="concepts", tooltip="The incoming concepts plus this one."),
+        io.String.Output(display_name="words", tooltip="What to type in prompts for this concept (may be empty)."),
+    ]
+
+
+def _append(stack, concept: Concept) -> tuple[ConceptStack, Concept]:
+    new = (stack if stack is not None else ConceptStack()).with_concept(concept)
+    return new, new.concepts[-1]
+
+
+class ConceptStackEDLoRA(io.ComfyNode):
+    NAME = "Concept Stack: ED-LoRA"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MultiConceptStackEDLoRA",
+            display_name="Concept Stack: ED-LoRA",
+            category=CATEGORY_CONCEPTS,
+            description="Adds one ED-LoRA concept (Mix-of-Show .pth or this pack's .safetensors) to a concept stack, "
+            "with its region label. Nothing is applied to a model here: the method node that reads the stack "
+            "decides where and how the concept acts.",
+            inputs=[
+                io.Combo.Input(
+                    "edlora_name",
+                    options=list_model_files("loras", EDLORA_SUFFIXES),
+                    tooltip="ED-LoRA file from models/loras (read safely: tensors only).",
+                ),
+                io.Float.Input(
+                    "strength_unet", default=0.7, min=-4.0, max=4.0, step=0.01,
+                    tooltip="Scale of the concept's UNet LoRA (Mix-of-Show's alpha; 0.6-0.7 is typical).",
+                ),
+                io.Float.Input(
+                    "strength_text", default=0.7, min=-4.0, max=4.0, step=0.01,
+                    tooltip="Scale of the concept's text-encoder LoRA, used when its region prompt is encoded.",
+                ),
+                io.String.Input("region_label", default="", tooltip=LABEL_TOOLTIP),
+                ConceptStackType.Input("concepts", optional=True, tooltip=STACK_TOOLTIP),
+                io.String.Input(
+                    "concept_words", default="", optional=True,
+                    tooltip="Optional new prompt words for the concept (as many as the file has, e.g. '<alice1> "
+                    "<alice2>'). Words an earlier concept of the stack uses are renamed (see 'words').",
+                ),
+                io.String.Input("class_word", default="", optional=True, tooltip=CLASS_TOOLTIP),
+            ],
+            outputs=_stack_outputs(),
+        )  # fmt: skip
+
+    @classmethod
+    @guarded_validation(NAME, "edlora_name", "Pick an ED-LoRA file from models/loras.")
+    def validate_inputs(cls, edlora_name):
+        return check_model_file(cls.NAME, "loras", edlora_name, "ED-LoRA file")
+
+    @classmethod
+    @checked_inputs(NAME)
+    def execute(
+        cls, edlora_name, strength_unet, strength_text, region_label, concepts=None, concept_words="", class_word=""
+    ) -> io.NodeOutput:
+        path = resolve_model_file(cls.NAME, "loras", edlora_name, "ED-LoRA file")
+        try:
+            weights = load_edlora(path)
+            if concept_words.strip():
+                weights = weights.with_words(tuple(concept_words.split()))
+        except EDLoRAFileError as e:
+            raise NodeError(cls.NAME, str(e)) from None
+        if weights.base_model != "sd15":
+            raise NodeError(cls.NAME, f"{edlora_name} is an SDXL ED-LoRA; the concept stack takes SD1.5 ED-LoRAs.")
+        concept = Concept(
+            uid="",
+            kind="edlora",
+            source=edlora_name,
+            words=weights.words,
+            class_word=class_word.strip() or weights.class_word,
+            label=region_label.strip(),
+            strength_unet=float(strength_unet),
+            strength_text=float(strength_text),
+            adapter=weights,
+        )
+        stack, added = _append(concepts, concept)
+        return io.NodeOutput(stack, added.prompt_words)
+
+
+class ConceptStackLoRA(io.ComfyNode):
+    NAME = "Concept Stack: LoRA"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MultiConceptStackLoRA",
+            display_name="Concept Stack: LoRA",
+            category=CATEGORY_CONCEPTS,
+            description="Adds one ordinary LoRA (kohya, diffusers, peft or LoCon naming: whatever ComfyUI's Load "
+            "LoRA reads) to a concept stack, with its trigger words and region label. Nothing is applied to a "
+            "model here: the method node that reads the stack decides where the LoRA acts.",
+            inputs=[
+                io.Combo.Input(
+                    "lora_name",
+                    options=list_model_files("loras", LORA_SUFFIXES),
+                    tooltip="LoRA file from models/loras (.safetensors, or .pt/.pth read safely: tensors only).",
+                ),
+                io.Float.Input(
+                    "strength_unet", default=1.0, min=-4.0, max=4.0, step=0.01,
+                    tooltip="Scale of the LoRA's UNet part (as strength_model in Load LoRA).",
+                ),
+                io.Float.Input(
+                    "strength_text", default=1.0, min=-4.0, max=4.0, step=0.01,
+                    tooltip="Scale of the LoRA's text-encoder part (as strength_clip in Load LoRA), used when "
+                    "its region prompt is encoded.",
+                ),
+                io.String.Input("region_label", default="", tooltip=LABEL_TOOLTIP),
+                ConceptStackType.Input("concepts", optional=True, tooltip=STACK_TOOLTIP),
+                io.String.Input(
+                    "trigger_words", default="", optional=True,
+                    tooltip="Optional: the LoRA's trigger words, separated by spaces (what its trainer used).",
+                ),
+                io.String.Input("class_word", default="", optional=True, tooltip=CLASS_TOOLTIP),
+            ],
+            outputs=_stack_outputs(),
+        )  # fmt: skip
+
+    @classmethod
+    @guarded_validation(NAME, "lora_name", "Pick a LoRA file from models/loras.")
+    def validate_inputs(cls, lora_name):
+        return check_model_file(cls.NAME, "loras", lora_name, "LoRA file")
+
+    @classmethod
+    @checked_inputs(NAME)
+    def execute(
+        cls, lora_name, strength_unet, strength_text, region_label, concepts=None, trigger_words="", class_word=""
+    ) -> io.NodeOutput:
+        path = resolve_model_file(cls.NAME, "loras", lora_name, "LoRA file")
+        try:
+            lora = load_lora(path)
+        except CheckpointFileError as e:
+            raise NodeError(cls.NAME, str(e)) from None
+        words = tuple(trigger_words.split())
+        concept = Concept(
+            uid="",
+            kind="lora",
+            source=lora_name,
+            words=words,
+            class_word=class_word.strip(),
+            label=region_label.strip(),
+            strength_unet=float(strength_unet),
+            strength_text=float(strength_text),
+            adapter=lora,
+        )
+        stack, added = _append(concepts, concept)
+        return io.NodeOutput(stack, added.prompt_words)
+
+
+class ConceptStackLoaded(io.ComfyNode):
+    NAME = "Concept Stack: Loaded ED-LoRA"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MultiConceptStackLoaded",
+            display_name="Concept Stack: Loaded ED-LoRA",
+            category=CATEGORY_CONCEPTS,
+            description="Adds the concept of an ED-LoRA Loader (its 'concept' output) to a concept stack, under "
+            "the words the loader gave it. Feed method nodes the checkpoint's MODEL, not the loader's: the "
+            "loader merged the concept's UNet LoRA into its MODEL everywhere.",
+            inputs=[
+                EDLoRAConceptType.Input("concept", tooltip="The 'concept' output of an ED-LoRA Loader."),
+                io.String.Input("region_label", default="", tooltip=LABEL_TOOLTIP),
+                ConceptStackType.Input("concepts", optional=True, tooltip=STACK_TOOLTIP),
+            ],
+            outputs=_stack_outputs(),
+        )
+
+    @classmethod
+    @checked_inputs(NAME)
+    def execute(cls, concept, region_label, concepts=None) -> io.NodeOutput:
+        weights = getattr(concept, "weights", None)
+        if weights is None:
+            raise NodeError(
+                cls.NAME, "this concept carries no weights; connect the 'concept' output of ED-LoRA Loader."
+            )
+        try:
+            validate_concept_words(concept.words)
+        except EDLoRAFileError as e:
+            raise NodeError(cls.NAME, str(e)) from None
+        item = Concept(
+            uid="",
+            kind="edlora",
+            source=concept.file,
+            words=tuple(concept.words),
+            class_word=concept.class_word,
+            label=region_label.strip(),
+            strength_unet=float(concept.strength_unet),
+            strength_text=float(concept.strength_text),
+            adapter=weights,
+            renamed_from=tuple(concept.renamed_from),
+            loader_uid=concept.uid,
+        )
+        stack, added = _append(concepts, item)
+        return io.NodeOutput(stack, added.prompt_words)

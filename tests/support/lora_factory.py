@@ -1,0 +1,88 @@
+"""Ordinary LoRA files with seeded random values, for a given ComfyUI model (kohya naming, LoCon convs).
+
+``make_lora(patcher, targets)`` writes factors for the listed diffusion-model module paths under kohya's
+``lora_unet_<diffusers name>`` keys (the names real kohya/LyCORIS files use for SD1.5 and SDXL), with an
+``alpha`` per module. Convolutions get LoCon factors (the kernel in ``lora_down``, or, with ``mid=True``, a
+1x1 ``lora_down`` and the kernel in ``lora_mid``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Module paths of the tiny SD1.5 test checkpoint, by kind (ComfyUI's diffusion-model names).
+SD15_ATTENTION = [
+    f"{block}.transformer_blocks.0.{attn}.{proj}"
+    for block in ("input_blocks.1.1", "input_blocks.4.1", "middle_block.1", "output_blocks.4.1", "output_blocks.9.1")
+    for attn in ("attn1", "attn2")
+    for proj in ("to_q", "to_k", "to_v", "to_out.0")
+]
+SD15_FEEDFORWARD = [
+    "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj",
+    "output_blocks.9.1.transformer_blocks.0.ff.net.2",
+]
+SD15_PROJ = ["input_blocks.1.1.proj_in", "output_blocks.9.1.proj_out"]  # 1x1 convolutions in SD1.5
+SD15_RESBLOCK = [
+    "input_blocks.1.0.in_layers.2",  # 3x3
+    "output_blocks.3.0.out_layers.3",  # 3x3
+    "output_blocks.3.0.skip_connection",  # 1x1, 640 -> 320 channels
+    "input_blocks.1.0.emb_layers.1",  # time-embedding projection (linear on [B, C])
+    "input_blocks.3.0.op",  # stride-2 downsampling
+    "output_blocks.2.1.conv",  # upsampling conv
+]
+SD15_ALL = SD15_ATTENTION + SD15_FEEDFORWARD + SD15_PROJ + SD15_RESBLOCK
+
+
+def kohya_names(patcher) -> dict[str, str]:
+    """ComfyUI module path -> kohya LoRA prefix (``lora_unet_`` + diffusers name with underscores)."""
+    import comfy.utils
+
+    table = comfy.utils.unet_to_diffusers(patcher.model.model_config.unet_config)
+    out = {}
+    for diffusers, comfy_key in table.items():
+        if diffusers.endswith(".weight"):
+            out[comfy_key[: -len(".weight")]] = "lora_unet_" + diffusers[: -len(".weight")].replace(".", "_")
+    return out
+
+
+def make_lora(
+    patcher,
+    targets: list[str],
+    rank: int = 4,
+    seed: int = 0,
+    alpha: float | None = 2.0,
+    scale: float = 0.3,
+    mid: bool = False,
+) -> dict[str, torch.Tensor]:
+    """A LoRA state dict for ``targets`` of ``patcher``'s diffusion model (float32, seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    names = kohya_names(patcher)
+    dm = patcher.model.diffusion_model
+    sd: dict[str, torch.Tensor] = {}
+    for path in targets:
+        module = dm
+        for part in path.split("."):
+            module = getattr(module, part)
+        w = module.weight
+        prefix = names[path]
+        out_f, in_f = int(w.shape[0]), int(w.shape[1])
+        # factors sized so that the delta is a fixed fraction of the layer's typical output
+        std = scale / (rank * in_f) ** 0.25 / (in_f**0.25)
+        if w.ndim == 2:
+            sd[f"{prefix}.lora_down.weight"] = torch.randn(rank, in_f, generator=gen) * std
+            sd[f"{prefix}.lora_up.weight"] = torch.randn(out_f, rank, generator=gen) * std
+        else:
+            kh, kw = int(w.shape[2]), int(w.shape[3])
+            if mid and (kh, kw) != (1, 1):
+                sd[f"{prefix}.lora_down.weight"] = torch.randn(rank, in_f, 1, 1, generator=gen) * std
+                sd[f"{prefix}.lora_mid.weight"] = (
+                    torch.randn(rank, rank, kh, kw, generator=gen) / (rank * kh * kw) ** 0.5
+                )
+            else:
+                sd[f"{prefix}.lora_down.weight"] = (
+                    torch.randn(rank, in_f, kh, kw, generator=gen) * std / (kh * kw) ** 0.5
+                )
+            sd[f"{prefix}.lora_up.weight"] = torch.randn(out_f, rank, 1, 1, generator=gen) * std
+        if alpha is not None:
+            sd[f"{prefix}.alpha"] = torch.tensor(float(alpha))
+    return sd
