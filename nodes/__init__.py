@@ -8,6 +8,7 @@ from typing_extensions import override
 from .concept_stack import ConceptStackEDLoRA, ConceptStackLoaded, ConceptStackLoRA
 from .edlora_convert import EDLoRAConvert
 from .edlora_loader import EDLoRALoader
+from .mixofshow_regional import MixOfShowRegional
 from .regional_lora import RegionalLoRA
 from .regions import Regions
 from .sam import SAMLoader, SAMMasks
@@ -22,6 +23,7 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     ConceptStackLoRA,
     ConceptStackLoaded,
     RegionalLoRA,
+    MixOfShowRegional,
 ]
 
 

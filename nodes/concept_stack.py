@@ -55,9 +55,9 @@ class ConceptStackEDLoRA(io.ComfyNode):
             node_id="MultiConceptStackEDLoRA",
             display_name="Concept Stack: ED-LoRA",
             category=CATEGORY_CONCEPTS,
-            description="Adds one ED-LoRA concept (Mix-of-Show .pth or this pack's .safetensors) to a concept stack, "
-            "with its region label. Nothing is applied to a model here: the method node that reads the stack "
-            "decides where and how the concept acts.",
+            description="Adds one ED-LoRA concept (SD1.5: Mix-of-Show .pth; SDXL: Concept Conductor's .pth; or this "
+            "pack's .safetensors) to a concept stack, with its region label. Nothing is applied to a model here: the "
+            "method node that reads the stack decides where and how the concept acts.",
             inputs=[
                 io.Combo.Input(
                     "edlora_name",
@@ -101,8 +101,6 @@ class ConceptStackEDLoRA(io.ComfyNode):
                 weights = weights.with_words(tuple(concept_words.split()))
         except EDLoRAFileError as e:
             raise NodeError(cls.NAME, str(e)) from None
-        if weights.base_model != "sd15":
-            raise NodeError(cls.NAME, f"{edlora_name} is an SDXL ED-LoRA; the concept stack takes SD1.5 ED-LoRAs.")
         concept = Concept(
             uid="",
             kind="edlora",

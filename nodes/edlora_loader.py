@@ -1,4 +1,4 @@
-"""ED-LoRA Loader: applies one Mix-of-Show concept (token embeddings + LoRA) to a MODEL and CLIP."""
+"""ED-LoRA Loader: applies one Mix-of-Show concept (token embeddings + LoRA) to a MODEL and CLIP (SD1.5 or SDXL)."""
 
 from __future__ import annotations
 
@@ -49,19 +49,27 @@ class EDLoRALoader(io.ComfyNode):
             display_name="ED-LoRA Loader (Mix-of-Show)",
             category=CATEGORY_EDLORA,
             description=(
-                "Adds one personalized concept (an ED-LoRA from Mix-of-Show, or one made by this pack) to the MODEL "
-                "and CLIP. Type the concept words (e.g. <cat1> <cat2>) into an ordinary CLIP Text Encode fed by "
-                "this CLIP and sample with any stock sampler: each cross-attention layer then sees the concept's "
-                "own token for that layer. Chain several loaders for several concepts."
+                "Adds one personalized concept (an ED-LoRA from Mix-of-Show for SD1.5, from Concept Conductor's "
+                "trainer for SDXL, or one made by this pack) to the MODEL and CLIP. Type the concept words (e.g. "
+                "<cat1> <cat2>) into an ordinary CLIP Text Encode fed by this CLIP and sample with any stock sampler: "
+                "each cross-attention layer then sees the concept's own token for that layer. Chain several loaders "
+                "for several concepts."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5-family diffusion model to add the concept's UNet LoRA to."),
-                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint; it learns the concept words."),
+                io.Model.Input(
+                    "model",
+                    tooltip="The diffusion model to add the concept's UNet LoRA to: SD1.5-family for an SD1.5 "
+                    "ED-LoRA (16 layer tokens), SDXL for an SDXL ED-LoRA (70 layer tokens).",
+                ),
+                io.Clip.Input(
+                    "clip",
+                    tooltip="The CLIP of the same checkpoint (SDXL: CLIP-L and CLIP-G); it learns the concept words.",
+                ),
                 io.Combo.Input(
                     "edlora_name",
                     options=list_model_files("loras", EDLORA_SUFFIXES),
-                    tooltip="ED-LoRA file from models/loras: an official Mix-of-Show .pth (loaded safely, "
-                    "tensors only) or a .safetensors made by this pack.",
+                    tooltip="ED-LoRA file from models/loras: an official Mix-of-Show .pth (SD1.5), a Concept "
+                    "Conductor SDXL .pth (both loaded safely, tensors only) or a .safetensors made by this pack.",
                 ),
                 io.Float.Input(
                     "strength_unet",
@@ -78,8 +86,8 @@ class EDLoRALoader(io.ComfyNode):
                     min=-4.0,
                     max=4.0,
                     step=0.01,
-                    tooltip="Scale of the text-encoder LoRA (Mix-of-Show's inference alpha). "
-                    "0 leaves the text encoder weights untouched; the concept words still work.",
+                    tooltip="Scale of the text-encoder LoRA (Mix-of-Show's inference alpha; on SDXL both CLIP-L "
+                    "and CLIP-G). 0 leaves the text encoder weights untouched; the concept words still work.",
                 ),
                 io.String.Input(
                     "concept_words",

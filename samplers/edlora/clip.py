@@ -6,13 +6,16 @@ thin wrappers (the wrapped objects are shared and never modified). With them, th
 
 * the usual conditioning tensor (concept words encoded with their layer-averaged embedding), and
 * a :class:`LayerwiseContext` under ``LAYERWISE_KEY`` in the conditioning dict: the prompt encoded once
-  per cross-attention layer with that layer's token embeddings (Mix-of-Show's ED-LoRA), computed in one
-  batched text-encoder pass when the prompt is encoded — never per sampling step.
+  per cross-attention layer with that layer's token embeddings (Mix-of-Show's ED-LoRA; 16 layers on SD1.5,
+  70 on SDXL with both CLIP-L and CLIP-G embeddings), computed in batched text-encoder passes when the
+  prompt is encoded — never per sampling step.
 
 Prompts without concept words go straight to the wrapped objects, so they encode exactly as before.
 """
 
 from __future__ import annotations
+
+import torch
 
 from .layerwise import LayerwiseContext
 from .tokens import (
@@ -26,6 +29,11 @@ from .tokens import (
 from .vocabulary import ConceptVocabulary
 
 LAYERWISE_KEY = "multiconcept_layerwise"
+# Most 77-token sections per text-encoder call while encoding the layer variants of a prompt. One call
+# holds the SD1.5 variants of a one-section prompt (17); SDXL's 71 go in three, which halves the text
+# encoders' working memory and was no slower (full-size SDXL CLIP-L + CLIP-G, fp32, 2 CPU cores: one call
+# +540 MB and 74 s, chunks of 24 +260 MB and 58 s; a plain prompt 1.1 s).
+SECTIONS_PER_CALL = 24
 
 
 class _Delegating:
@@ -101,7 +109,14 @@ class ConceptTokenizer(_Delegating):
 
 
 class ConceptTextEncoder(_Delegating):
-    """Wraps a ComfyUI text encoder (``cond_stage_model``); adds the layer-wise contexts."""
+    """Wraps a ComfyUI text encoder (``cond_stage_model``); adds the layer-wise contexts.
+
+    Works for every encoder that turns each text encoder's token sections into one row of tokens each (77 for
+    CLIP) and concatenates the sections along the tokens: SD1.5's CLIP-L (``{"l": ...}``, width 768) and SDXL's
+    CLIP-L + CLIP-G (``{"l": ..., "g": ...}``, each encoded on its own and concatenated to width 2048 per
+    token). Every key's sections are expanded into the same variants in the same order, so variant ``v``
+    occupies the same token rows in every encoder's output and in their concatenation.
+    """
 
     def encode_token_weights(self, token_weight_pairs):
         num_layers = self._vocab.num_layers
@@ -109,28 +124,60 @@ class ConceptTextEncoder(_Delegating):
             # No concept words (or single-token concepts): the markers already carry the embedding.
             return self._base.encode_token_weights(token_weight_pairs)
 
-        # All layer variants go through the stock encoder as extra sections of one call, so they share
-        # one batched forward pass and ComfyUI's own handling of (word:1.2) weights.
-        sections = {len(s) for s in token_weight_pairs.values()}
-        if len(sections) != 1:
+        # All layer variants go through the stock encoder as extra sections (a few calls at most), so they
+        # share batched forward passes and ComfyUI's own handling of (word:1.2) weights.
+        section_counts = {len(s) for s in token_weight_pairs.values()}
+        if len(section_counts) != 1:
             return self._base.encode_token_weights(token_weight_pairs)
-        expanded = {
-            key: layer_variants(list(s), num_layers, self._vocab.layer_embedding, key)
-            for key, s in token_weight_pairs.items()
-        }
-        out = self._base.encode_token_weights(expanded)
-        cond, pooled = out[0], out[1]
-        extra = dict(out[2]) if len(out) > 2 and isinstance(out[2], dict) else {}
+        n = section_counts.pop()
+        expanded = {}
+        for key, sections in token_weight_pairs.items():
+            variants = layer_variants(list(sections), num_layers, self._vocab.layer_embedding, key)
+            # Layer 0 first, the ordinary (layer-averaged) conditioning last: ComfyUI returns the pooled
+            # output of the first section, and ED-LoRAs are trained and sampled with layer 0's pooled output
+            # (it conditions SDXL's whole UNet through the ADM input; SD1.5 does not use it).
+            expanded[key] = variants[n:] + variants[:n]
+        cond, pooled, extra = self._encode_in_chunks(expanded)
         variants = num_layers + 1
         b, total, width = cond.shape
+        if total % variants != 0:
+            raise RuntimeError(
+                f"the text encoder returned {total} tokens for {variants} prompt variants; cannot split them into "
+                "per-layer encodings"
+            )
         per_variant = total // variants
         stacked = cond.reshape(b, variants, per_variant, width)
-        reference = stacked[:, 0].contiguous()
-        layers = stacked[:, 1:].contiguous()
+        layers = stacked[:, :num_layers].contiguous()
+        reference = stacked[:, num_layers].contiguous()
         if "attention_mask" in extra:  # keep masks describing the ordinary conditioning only
-            extra["attention_mask"] = extra["attention_mask"][:, :per_variant]
+            extra["attention_mask"] = extra["attention_mask"][:, -per_variant:]
         extra[LAYERWISE_KEY] = LayerwiseContext(layers=layers, reference=reference)
         return reference, pooled, extra
+
+    def _encode_in_chunks(self, expanded: dict):
+        """The stock encoder over ``expanded``'s sections, at most ``SECTIONS_PER_CALL`` per call.
+
+        Chunking bounds the text encoder's working memory (SDXL: 71 variants of every section through CLIP-G)
+        without changing what is computed: sections are encoded independently (ComfyUI's prompt-weight
+        interpolation uses an empty section of the same length in every call), and the pooled output is the
+        first call's, i.e. the first section's, as in one call.
+        """
+        keys = list(expanded)
+        total = len(expanded[keys[0]])
+        conds, masks = [], []
+        pooled, extra = None, {}
+        for start in range(0, total, SECTIONS_PER_CALL):
+            chunk = {key: sections[start : start + SECTIONS_PER_CALL] for key, sections in expanded.items()}
+            out = self._base.encode_token_weights(chunk)
+            conds.append(out[0])
+            if start == 0:
+                pooled = out[1]
+                extra = dict(out[2]) if len(out) > 2 and isinstance(out[2], dict) else {}
+            if len(out) > 2 and isinstance(out[2], dict) and "attention_mask" in out[2]:
+                masks.append(out[2]["attention_mask"])
+        if masks and len(masks) == len(conds):
+            extra["attention_mask"] = torch.cat(masks, dim=1)
+        return (conds[0] if len(conds) == 1 else torch.cat(conds, dim=1)), pooled, extra
 
 
 def concept_vocabulary_of(clip) -> ConceptVocabulary:

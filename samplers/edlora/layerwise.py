@@ -6,9 +6,46 @@ Pure torch. The ComfyUI glue in ``model.py`` calls :func:`route_layer_context` f
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
+
+_CROSS_ATTENTION = re.compile(
+    r"^(?:(?P<kind>input|output)_blocks\.(?P<num>\d+)|middle_block)\.\d+\.transformer_blocks\.(?P<depth>\d+)\.attn2$"
+)
+
+
+def cross_attention_order(diffusion_model: torch.nn.Module) -> dict[tuple[str, int, int], int]:
+    """Each cross-attention layer's place in the UNet's order: ``(block, number, depth) -> index``.
+
+    ``block`` is ``input``/``middle``/``output`` and ``number`` the block's position, as ComfyUI puts them in
+    ``extra_options["block"]``; ``depth`` is the transformer block inside (``extra_options["block_index"]``).
+    The order is the forward order — input blocks, middle, output blocks, and inside a spatial transformer its
+    blocks in turn — which is how ED-LoRAs number their layer tokens: 16 on SD1.5 (one block per spatial
+    transformer, so the index equals ComfyUI's ``transformer_index``) and 70 on SDXL (depths 2 and 10).
+    """
+    order: dict[tuple[str, int, int], int] = {}
+    for name, _module in diffusion_model.named_modules():
+        m = _CROSS_ATTENTION.match(name)
+        if m is not None:
+            key = (m.group("kind") or "middle", int(m.group("num") or 0), int(m.group("depth")))
+            order.setdefault(key, len(order))
+    return order
+
+
+def layer_index(extra_options: dict, order: dict | None) -> int | None:
+    """The running cross-attention layer's index in ``order`` (see :func:`cross_attention_order`).
+
+    Without an order (or for a layer it does not know) this is ComfyUI's ``transformer_index``, which
+    counts spatial transformers and so equals the layer index on SD1.5-shaped models only.
+    """
+    block = extra_options.get("block")
+    if order and block is not None:
+        found = order.get((block[0], int(block[1]), int(extra_options.get("block_index", 0))))
+        if found is not None:
+            return found
+    return extra_options.get("transformer_index")
 
 
 @dataclass(frozen=True)

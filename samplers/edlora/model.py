@@ -7,15 +7,21 @@
   encodings that our text encoder attached to the conditionings, keyed by ComfyUI's per-cond uuid; an
   ``attn2_patch`` then gives cross-attention layer ``i`` the layer-``i`` encoding for exactly the batch
   rows of those conds. Negative prompts and prompts without concept words are left untouched.
+  Layer ``i`` is the ``i``-th cross-attention in the UNet's forward order (input blocks, middle, output
+  blocks, and the transformer blocks of each spatial transformer in turn), as ED-LoRAs number their tokens.
+
+Both families are handled: SD1.5 ED-LoRAs (Mix-of-Show: 16 layer tokens, CLIP-L) and SDXL ED-LoRAs
+(Concept Conductor's trainer: 70 layer tokens, CLIP-L and CLIP-G embeddings and LoRA on both encoders).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from ...training.edlora_file import EDLoRAFileError, EDLoRAWeights
 from .clip import LAYERWISE_KEY, concept_vocabulary_of, with_vocabulary
-from .layerwise import LayerwiseTable, route_layer_context
+from .layerwise import LayerwiseTable, cross_attention_order, layer_index, route_layer_context
 from .vocabulary import ConceptEntry, EDLoRAConcept
 
 log = logging.getLogger("multiconcept")
@@ -24,6 +30,35 @@ ROUTING_KEY = "multiconcept.layerwise"
 TABLE_KEY = "multiconcept_layerwise_table"
 MERGED_KEY = "multiconcept_merged_concepts"  # uids of ED-LoRA concepts whose UNet LoRA this MODEL has merged
 SD15_CROSS_ATTENTION_LAYERS = 16
+
+
+@dataclass(frozen=True)
+class Family:
+    """What an ED-LoRA of one base-model family needs from the MODEL and CLIP."""
+
+    name: str  # as users say it
+    layers: int  # cross-attention layers of the UNet = layer tokens per concept word
+    context_width: int  # width of the text context the cross-attention reads
+    clip_keys: tuple[str, ...]  # ComfyUI's text encoder keys (tokenize(...).keys())
+    checkpoints: str  # the fix: which checkpoints to load
+
+
+FAMILIES = {
+    "sd15": Family(
+        name="SD1.5",
+        layers=SD15_CROSS_ATTENTION_LAYERS,
+        context_width=768,
+        clip_keys=("l",),
+        checkpoints="an SD1.5-family checkpoint (SD1.5, or a fine-tune such as ChilloutMix or Anything v4)",
+    ),
+    "sdxl": Family(
+        name="SDXL",
+        layers=70,
+        context_width=2048,
+        clip_keys=("g", "l"),
+        checkpoints="an SDXL base checkpoint (SDXL 1.0 base or a fine-tune of it; not the refiner)",
+    ),
+}
 
 
 class EDLoRAApplyError(ValueError):
@@ -43,27 +78,51 @@ def cross_attention_layers(model_patcher) -> list[tuple[str, int]]:
     return out
 
 
-def check_compatible(model_patcher, clip, weights: EDLoRAWeights, source: str) -> None:
-    if weights.base_model == "sdxl":
-        raise EDLoRAApplyError(
-            f"{source} is an SDXL ED-LoRA (70 layer tokens, two text encoders), but this pack applies "
-            "SD1.5 ED-LoRAs only. Load an ED-LoRA trained on an SD1.5 model (16 layer tokens)."
-        )
+def model_family(model_patcher) -> str | None:
+    """``"sd15"`` / ``"sdxl"`` when the MODEL has that family's cross-attention shape, else None."""
     layers = cross_attention_layers(model_patcher)
     widths = {w for _, w in layers}
-    model_name = type(model_patcher.model.model_config).__name__
-    if len(layers) != SD15_CROSS_ATTENTION_LAYERS or widths != {768}:
+    for key, family in FAMILIES.items():
+        if len(layers) == family.layers and widths == {family.context_width}:
+            return key
+    return None
+
+
+def check_compatible(model_patcher, clip, weights: EDLoRAWeights, source: str) -> None:
+    """Refuse, naming the fix, an ED-LoRA whose family (SD1.5 / SDXL) the MODEL or CLIP does not have."""
+    family = FAMILIES.get(weights.base_model)
+    if family is None:
+        raise EDLoRAApplyError(f"{source}: unknown ED-LoRA base model {weights.base_model!r} (expected SD1.5 or SDXL)")
+    n = weights.layer_tokens
+    what = f"{source} is an {family.name} ED-LoRA ({n} layer token{'' if n == 1 else 's'} per word"
+    what += ", two text encoders)" if len(family.clip_keys) > 1 else ")"
+    if n not in (1, family.layers):
         raise EDLoRAApplyError(
-            f"{source} is an SD1.5 ED-LoRA, but the MODEL ({model_name}, {len(layers)} cross-attention layers, "
-            f"context width {sorted(widths)}) is not SD1.5-shaped (16 layers, width 768). "
-            "Load an SD1.5-family checkpoint (SD1.5, its fine-tunes such as ChilloutMix or Anything v4)."
+            f"{what}, but {family.name} ED-LoRAs have {family.layers} layer tokens per word (one per "
+            "cross-attention layer), or 1: the file is not an ED-LoRA this pack can route."
         )
-    tokens = clip.tokenize("a")
-    missing = [k for k in tokens.keys() if k not in weights.clip_keys]
-    if missing:
+
+    layers = cross_attention_layers(model_patcher)
+    widths = sorted({w for _, w in layers})
+    model_name = type(model_patcher.model.model_config).__name__
+    if len(layers) != family.layers or widths != [family.context_width]:
+        found = model_family(model_patcher)
+        hint = (
+            f" (the MODEL is {FAMILIES[found].name}: use an ED-LoRA trained for {FAMILIES[found].name} instead)"
+            if found
+            else ""
+        )
         raise EDLoRAApplyError(
-            f"{source} has token embeddings for text encoder(s) {list(weights.clip_keys)}, but this CLIP also has "
-            f"{missing}: it is not an SD1.5 CLIP. Use the CLIP of the SD1.5 checkpoint the MODEL came from."
+            f"{what}, but the MODEL ({model_name}, {len(layers)} cross-attention layers, context width {widths}) is "
+            f"not {family.name}-shaped ({family.layers} layers, width {family.context_width}). Load "
+            f"{family.checkpoints} for this ED-LoRA{hint}."
+        )
+    clip_keys = tuple(sorted(clip.tokenize("a").keys()))
+    if clip_keys != family.clip_keys or tuple(sorted(weights.clip_keys)) != family.clip_keys:
+        raise EDLoRAApplyError(
+            f"{what}; it has token embeddings for text encoder(s) {list(weights.clip_keys)}, but this CLIP has "
+            f"{list(clip_keys)}: it is not an {family.name} CLIP (that has {list(family.clip_keys)}). Use the CLIP "
+            f"of the {family.name} checkpoint the MODEL came from."
         )
 
 
@@ -80,7 +139,8 @@ def _patches(lora_pairs: dict, key_for, target_sd: dict, where: str, source: str
         if target is None or target not in target_sd:
             raise EDLoRAApplyError(
                 f"{source}: the {where} module '{module}' has no counterpart in this model, so the file was "
-                "trained for a different architecture. Use an SD1.5-family MODEL/CLIP."
+                "trained for a different architecture. Use the MODEL and CLIP of the family it was trained for "
+                "(SD1.5 or SDXL)."
             )
         expected = tuple(target_sd[target].shape)
         delta_shape = (pair.up.shape[0], pair.down.reshape(pair.down.shape[0], -1).shape[1])
@@ -112,24 +172,55 @@ def unet_patches(model_patcher, weights: EDLoRAWeights, source: str) -> dict:
     return _patches(weights.unet_lora, key_for, target_sd, "UNet", source)
 
 
+# The file's text-encoder LoRA groups and the ComfyUI text encoder (clip key) each one belongs to.
+TEXT_ENCODER_GROUPS = {"text_encoder": "l", "text_encoder_2": "g"}
+_TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
+
+
+def text_encoder_prefixes(clip) -> dict[str, str]:
+    """``{clip key: state-dict prefix}`` of the CLIP's text encoders, e.g. ``{"l": "clip_l.transformer."}``.
+
+    ComfyUI's SD1.5 CLIP holds ``clip_l``, its SDXL CLIP ``clip_l`` and ``clip_g``; a CLIP with a single text
+    model under another name counts as ``l``.
+    """
+    return _prefixes_in(clip.patcher.model.state_dict())
+
+
+def _prefixes_in(state: dict) -> dict[str, str]:
+    prefixes = [k[: -len(_TOKEN_EMBEDDING)] for k in state if k.endswith(_TOKEN_EMBEDDING)]
+    out = {}
+    for prefix in prefixes:
+        head = prefix.split(".", 1)[0]
+        if head.startswith("clip_") and len(head) > len("clip_"):
+            out.setdefault(head[len("clip_") :], prefix)
+    if not out and len(prefixes) == 1:
+        out["l"] = prefixes[0]
+    return out
+
+
 def text_encoder_patches(clip, weights: EDLoRAWeights, source: str) -> dict:
-    pairs = weights.text_encoder_lora.get("text_encoder", {})
-    if not pairs:
+    """ComfyUI weight patches for the file's text-encoder LoRA: ``text_encoder`` -> CLIP-L, ``text_encoder_2`` -> CLIP-G."""
+    groups = {g: pairs for g, pairs in weights.text_encoder_lora.items() if pairs}
+    if not groups:
         return {}
     target_sd = clip.patcher.model.state_dict()
-    prefixes = [
-        k[: -len("text_model.embeddings.token_embedding.weight")]
-        for k in target_sd
-        if k.endswith("text_model.embeddings.token_embedding.weight")
-    ]
-    if len(prefixes) != 1:
-        raise EDLoRAApplyError(f"{source}: expected one CLIP-L text encoder in this CLIP, found {len(prefixes)}")
-    prefix = prefixes[0]
+    prefixes = _prefixes_in(target_sd)
+    patches = {}
+    for group, pairs in groups.items():
+        clip_key = TEXT_ENCODER_GROUPS.get(group)
+        prefix = prefixes.get(clip_key)
+        if prefix is None:
+            raise EDLoRAApplyError(
+                f"{source} has a LoRA for '{group}' (CLIP-{(clip_key or '?').upper()}), but this CLIP's text encoders are "
+                f"{['CLIP-' + k.upper() for k in sorted(prefixes)]}. Use the CLIP of the checkpoint the ED-LoRA was "
+                "trained for."
+            )
 
-    def key_for(module: str):
-        return f"{prefix}{module}.weight"
+        def key_for(module: str, prefix=prefix):
+            return f"{prefix}{module}.weight"
 
-    return _patches(pairs, key_for, target_sd, "text-encoder", source)
+        patches.update(_patches(pairs, key_for, target_sd, f"text-encoder ({group})", source))
+    return patches
 
 
 # ---------------------------------------------------------------------------------- layer routing
@@ -165,21 +256,30 @@ def collect_layerwise_contexts(executor, *args, **kwargs):
 
 
 class LayerwiseContextPatch:
-    """attn2_patch: cross-attention layer i reads layer i's context in the rows of concept prompts."""
+    """attn2_patch: cross-attention layer i reads layer i's context in the rows of concept prompts.
+
+    ``order`` maps ComfyUI's ``(block, number, block_index)`` to the layer's index in the UNet (see
+    :func:`~.layerwise.cross_attention_order`); without it the layer is ComfyUI's ``transformer_index``,
+    which is the layer index on SD1.5 only (SDXL's spatial transformers hold 2 or 10 blocks each).
+    """
+
+    def __init__(self, order: dict | None = None):
+        self.order = dict(order) if order else None
 
     def __call__(self, n, context, value, extra_options):
         table = extra_options.get(TABLE_KEY)
         uuids = extra_options.get("uuids")
         if not table or not uuids or context is None:
             return n, context, value
+        layer = layer_index(extra_options, self.order)
         chunks = table.chunk_layers(uuids, context.device, context.dtype)
-        new_context = route_layer_context(context, chunks, extra_options.get("transformer_index"))
+        new_context = route_layer_context(context, chunks, layer)
         if new_context is context:
             return n, context, value
         if value is context:
             return n, new_context, new_context
         if value is not None and value.shape == context.shape:
-            value = route_layer_context(value, chunks, extra_options.get("transformer_index"))
+            value = route_layer_context(value, chunks, layer)
         return n, new_context, value
 
 
@@ -197,7 +297,8 @@ def add_layerwise_routing(model_patcher) -> None:
             comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, ROUTING_KEY, collect_layerwise_contexts
         )
     if not has_layerwise_routing(model_patcher):
-        model_patcher.set_model_attn2_patch(LayerwiseContextPatch())
+        order = cross_attention_order(model_patcher.model.diffusion_model)
+        model_patcher.set_model_attn2_patch(LayerwiseContextPatch(order))
 
 
 # ------------------------------------------------------------------------------------------- loader

@@ -59,8 +59,19 @@ def _check_shape(name: str, where: str, factors: LowRankFactors, weight: torch.T
 
 
 def _edlora_factors(model_patcher, concept: Concept) -> dict[str, LowRankFactors]:
+    """An ED-LoRA's UNet LoRA (SD1.5 or SDXL, diffusers module names) as factors on this model's layers."""
     import comfy.lora
 
+    from ..edlora.model import FAMILIES, model_family
+
+    trained_for = FAMILIES.get(getattr(concept.adapter, "base_model", ""))
+    family = model_family(model_patcher)
+    if trained_for is not None and family is not None and FAMILIES[family] is not trained_for:
+        raise ScopedLoRAError(
+            f"{concept.source} is an {trained_for.name} ED-LoRA, but the MODEL is {FAMILIES[family].name}. Load "
+            f"{trained_for.checkpoints} for it, or use an ED-LoRA trained for {FAMILIES[family].name}."
+        )
+    where = f"an {trained_for.name} checkpoint" if trained_for is not None else "a checkpoint of its family"
     key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
     state = model_patcher.model.state_dict()
     out = {}
@@ -69,7 +80,7 @@ def _edlora_factors(model_patcher, concept: Concept) -> dict[str, LowRankFactors
         if key is None or key not in state:
             raise ScopedLoRAError(
                 f"{concept.source}: the UNet module '{module}' has no counterpart in this model: the ED-LoRA was "
-                "trained for another architecture. Use an SD1.5-family checkpoint."
+                f"trained for another architecture. Use {where}."
             )
         factors = LowRankFactors(down=pair.down, up=pair.up, scale=float(concept.strength_unet))
         _check_shape(concept.source, module, factors, state[key])

@@ -159,7 +159,11 @@ def _providers(ckpt: str) -> dict:
 # Valid values for widgets whose default would not run here (file pickers).
 GOOD_COMBO = {"edlora_name": EDLORA, "sam_name": SAM, "lora_name": LORA}
 # Valid values for text widgets whose default would not run here.
-GOOD_TEXT = {("MultiConceptStackLoRA", "region_label"): "dog", ("MultiConceptStackEDLoRA", "region_label"): "cat"}
+GOOD_TEXT = {
+    ("MultiConceptStackLoRA", "region_label"): "dog",
+    ("MultiConceptStackEDLoRA", "region_label"): "cat",
+    ("MultiConceptMixOfShowRegional", "global_prompt"): "a cat and a dog on a sofa",
+}
 # Optional sockets a node needs one of to run.
 OPTIONAL_LINKS = {"MultiConceptSAMMasks": ("regions",)}
 

@@ -192,3 +192,22 @@ def build_tiny_sd15(path: str | os.PathLike, seed: int = 0) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def build_small_sd15_model(seed: int = 0, model_channels: int = 32):
+    """A ModelPatcher around a seeded random SD1.5-shaped UNet (all 16 cross-attention layers, context 768)
+    at ``model_channels`` wide, built directly from ``comfy.supported_models.SD15`` (not a checkpoint: the
+    stock loader would not detect a UNet this narrow as SD1.5). For tests that need SD1.5's shapes only."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15({**UNET_CONFIG, "model_channels": int(model_channels)})
+    model = config.get_model({})
+    _fill(model.diffusion_model, torch.Generator().manual_seed(seed))
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(
+        model,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )

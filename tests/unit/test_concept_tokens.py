@@ -115,6 +115,70 @@ def test_layer_i_context_is_the_prompt_encoded_with_layer_i_tokens(vocab):
     assert torch.allclose(cond, FakeEncoder().encode_token_weights({"l": [section]})[0])
 
 
+# --- SDXL: two text encoders ("l" 768 wide, "g" 1280 wide here DIM and 2 * DIM), concatenated per token ----
+
+
+class FakeSDXLTokenizer(FakeTokenizer):
+    def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+        section = super().tokenize_with_weights(text)["l"][0]
+        return {"g": [list(section)], "l": [list(section)]}
+
+
+class FakeSDXLEncoder:
+    """Like ComfyUI's SDXLClipModel: each key encoded on its own (sections concatenated along the tokens),
+    then l and g concatenated along the width; pooled output of g's first section."""
+
+    def __init__(self):
+        self.l, self.g = FakeEncoder(), FakeEncoder()
+        self.g.table = torch.randn(32, 2 * DIM, generator=torch.Generator().manual_seed(5))
+        self.calls = 0
+
+    def encode_token_weights(self, pairs):
+        self.calls += 1
+        l_out, _ = self.l.encode_token_weights({"l": pairs["l"]})
+        g_out, _ = self.g.encode_token_weights({"l": pairs["g"]})
+        g_pooled = g_out[:, T - 1]  # a stand-in pooled output: the first section's last token
+        return torch.cat([l_out, g_out], dim=-1), g_pooled
+
+
+def test_sdxl_layer_i_context_holds_layer_i_tokens_of_both_encoders_and_pooled_is_layer_0():
+    from multiconcept.samplers.edlora import clip as clip_module
+
+    gen = torch.Generator().manual_seed(4)
+    emb = {
+        w: {"l": torch.randn(70, DIM, generator=gen), "g": torch.randn(70, 2 * DIM, generator=gen)}
+        for w in ("<dog1>", "<dog2>")
+    }
+    vocab = ConceptVocabulary().with_entry(ConceptEntry(uid="c0:dog", words=("<dog1>", "<dog2>"), embeddings=emb))
+    base_enc = FakeSDXLEncoder()
+    tok, enc = ConceptTokenizer(FakeSDXLTokenizer(), vocab), ConceptTextEncoder(base_enc, vocab)
+    cond, pooled, extra = enc.encode_token_weights(tok.tokenize_with_weights("a photo of <dog1> <dog2> on a sofa"))
+    # 71 variants of one section, in chunks of SECTIONS_PER_CALL sections per encoder call
+    assert base_enc.calls == -(-71 // clip_module.SECTIONS_PER_CALL) > 1
+    lw = extra[LAYERWISE_KEY]
+    assert lw.layers.shape == (1, 70, T, 3 * DIM) and cond.shape == (1, T, 3 * DIM) and lw.reference is cond
+
+    plain = FakeTokenizer().tokenize_with_weights("a photo of ohwx ohwx on a sofa")["l"][0]
+
+    def encoded(pick):
+        sections = {}
+        for key in ("l", "g"):
+            section = list(plain)
+            section[4] = ({"type": "embedding", "data": pick(emb["<dog1>"][key])}, 1.0)
+            section[5] = ({"type": "embedding", "data": pick(emb["<dog2>"][key])}, 1.0)
+            sections[key] = [section]
+        return FakeSDXLEncoder().encode_token_weights(sections)
+
+    for layer in range(70):
+        expected, expected_pooled = encoded(lambda e, layer=layer: e[layer])
+        assert torch.allclose(lw.layers[:, layer], expected), f"layer {layer}"
+        if layer == 0:
+            assert torch.equal(pooled, expected_pooled)  # layer 0's pooled output, as ED-LoRAs are trained
+    assert not torch.allclose(lw.layers[0, 0, 4:, DIM:], lw.layers[0, 1, 4:, DIM:])  # the g half differs too
+    # the ordinary conditioning: both encoders with the layer-averaged embeddings
+    assert torch.allclose(cond, encoded(lambda e: e.mean(0))[0])
+
+
 def test_placeholder_already_in_prompt_falls_back_to_next_candidate(vocab):
     tok = ConceptTokenizer(FakeTokenizer(), vocab)
     tokens = tok.tokenize_with_weights("ohwx <cat1> big")

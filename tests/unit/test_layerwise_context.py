@@ -92,3 +92,47 @@ def test_attn2_patch_routes_key_and_value_context_of_every_layer():
                 assert torch.equal(routed[0], layers[0, index]), f"{name}, layer {index}"
                 assert torch.equal(routed[1], context[1]), f"{name}, layer {index}: negative rows changed"
             assert torch.equal(context, _ctx(2, 6, seed=1))  # nothing modified in place
+
+
+def test_attn2_patch_with_an_sdxl_order_uses_the_layer_index_not_the_transformer_index():
+    """SDXL: spatial transformers hold 2 or 10 blocks, so ``transformer_index`` (one per spatial transformer)
+    is not the layer; the patch takes the layer from ``(block, number, block_index)`` through the order."""
+    from multiconcept.samplers.edlora.layerwise import cross_attention_order
+    from multiconcept.samplers.edlora.model import TABLE_KEY, LayerwiseContextPatch
+
+    class Attn2(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_k = torch.nn.Linear(4, 4)
+
+    unet = torch.nn.Module()  # SDXL's attn2 module paths, in forward order
+    depths = {("input", n): 2 for n in (4, 5)} | {("input", n): 10 for n in (7, 8)}
+    depths |= {("middle", 0): 10} | {("output", n): 10 for n in (0, 1, 2)} | {("output", n): 2 for n in (3, 4, 5)}
+    paths = []
+    for (block, number), depth in depths.items():
+        head = "middle_block" if block == "middle" else f"{block}_blocks.{number}"
+        paths += [(f"{head}.1.transformer_blocks.{d}.attn2", (block, number, d)) for d in range(depth)]
+    for path, _ in paths:
+        parent = unet
+        for part in path.split(".")[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module("attn2", Attn2())
+    order = cross_attention_order(unet)
+    assert len(order) == 70 and [order[key] for _, key in paths] == list(range(70))
+
+    layers = torch.randn(1, 70, 6, 4, generator=torch.Generator().manual_seed(3))
+    patch = LayerwiseContextPatch(order)
+    for i, (_, (block, number, depth)) in enumerate(paths):
+        context = _ctx(2, 6, seed=1)
+        extra = {
+            TABLE_KEY: LayerwiseTable({"pos": layers}),
+            "uuids": ["pos", "neg"],
+            "block": (block, number),
+            "block_index": depth,
+            "transformer_index": 0,  # deliberately wrong: must not be used when the order knows the layer
+        }
+        _, k_in, v_in = patch(torch.zeros(1), context, context, extra)
+        assert torch.equal(k_in[0], layers[0, i]) and torch.equal(v_in[0], layers[0, i]), f"layer {i}"
+        assert torch.equal(k_in[1], context[1])

@@ -1,0 +1,251 @@
+"""Mix-of-Show regionally controllable sampling: a global prompt for the scene, each box its own prompt and
+concept, in every cross-attention layer of the one UNet pass per step."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import replace
+
+import torch
+from comfy_api.latest import io
+
+from ..samplers.concept_stack import ConceptStack
+from ..samplers.edlora.clip import LAYERWISE_KEY
+from ..samplers.edlora.model import (
+    MERGED_KEY,
+    EDLoRAApplyError,
+    add_layerwise_routing,
+    check_compatible,
+    unet_patches,
+)
+from ..samplers.mixofshow.encoding import concept_clip, encode, layer_contexts
+from ..samplers.mixofshow.plan import RegionalPlanError, concepts_in, parse_region_weights, plan_regions
+from ..samplers.mixofshow.sampling import (
+    REGIONAL_KEY,
+    RegionalLayout,
+    RegionalSamplingError,
+    RegionalSide,
+    install_regional_attention,
+)
+from ..samplers.regions.preview import draw_regions
+from ..samplers.scoped_lora.adapters import TEXT_ENCODER_PREFIXES, ResolvedConcept, ScopedLoRAError, resolve_concept
+from ..samplers.scoped_lora.runtime import Scope, ScopedConcept, install_scoped_lora
+from .common import CATEGORY_ROOT, ConceptStackType, NodeError, checked_inputs
+from .regions import RegionsType
+
+log = logging.getLogger("multiconcept")
+
+CATEGORY_METHODS = f"{CATEGORY_ROOT}/methods"
+ADAPTER_MODES = ("scoped", "merged", "already applied")
+_ATTN2_KV = re.compile(r"\.attn2\.to_[kv]$")
+
+
+class MixOfShowRegional(io.ComfyNode):
+    NAME = "Mix-of-Show Regional"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MultiConceptMixOfShowRegional",
+            display_name="Mix-of-Show Regional Sampling",
+            category=CATEGORY_METHODS,
+            description="Several concepts in one picture, each in its own box (Mix-of-Show regionally controllable "
+            "sampling). The global prompt describes the scene; in every cross-attention layer the positions inside "
+            "a box attend to that box's own prompt, encoded with only that box's concept. Connect MODEL, positive "
+            "and negative to a stock KSampler (or SamplerCustomAdvanced); one UNet pass per step.",
+            inputs=[
+                io.Model.Input(
+                    "model",
+                    tooltip="The checkpoint's MODEL (SD1.x, SD2.x or SDXL). LoRA loaders may come before this node; "
+                    "apply ControlNets to this node's positive/negative outputs.",
+                ),
+                io.Clip.Input("clip", tooltip="The checkpoint's CLIP; each box's prompt is encoded with it."),
+                RegionsType.Input(
+                    "regions",
+                    tooltip="From the Regions node (or SAM Masks, for object masks): each box's prompt, negative and "
+                    "label. Draw them at the size you sample.",
+                ),
+                io.String.Input(
+                    "global_prompt",
+                    multiline=True,
+                    default="",
+                    tooltip="The whole scene, e.g. 'a man and a dog sitting on a sofa, living room'. Class words are "
+                    "safest; concept words are allowed. It governs everything outside the boxes.",
+                ),
+                io.String.Input(
+                    "global_negative",
+                    multiline=True,
+                    default="",
+                    tooltip="Negative prompt for the whole image, and for boxes whose own negative is empty.",
+                ),
+                ConceptStackType.Input(
+                    "concepts",
+                    optional=True,
+                    tooltip="Optional: the concepts (ED-LoRAs, LoRAs) from the Concept Stack nodes. A concept goes "
+                    "to the box with its region label (or, without a label, to the box whose prompt names its "
+                    "words). Without concepts this is plain regional prompting.",
+                ),
+                io.Combo.Input(
+                    "adapters",
+                    options=list(ADAPTER_MODES),
+                    default="scoped",
+                    optional=True,
+                    tooltip="scoped: each concept's UNet LoRA acts only inside its box (no bleeding). merged: every "
+                    "concept's LoRA on the whole image (the original with several LoRAs). already applied: the "
+                    "MODEL/CLIP already carry the concepts (e.g. a fused model); only their words are used.",
+                ),
+                io.String.Input(
+                    "region_weights",
+                    default="",
+                    optional=True,
+                    tooltip="Optional weights where boxes overlap: numbers in box order ('1, 1.5') or by label "
+                    "('cat=1.5, dog=1'). Empty: overlaps are plain averages.",
+                ),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with regional cross-attention."),
+                io.Conditioning.Output(
+                    display_name="positive", tooltip="The global prompt, carrying the boxes' prompts."
+                ),
+                io.Conditioning.Output(
+                    display_name="negative", tooltip="The global negative, carrying the boxes' negatives."
+                ),
+                io.Image.Output(display_name="preview", tooltip="Which box holds which prompt and concept."),
+            ],
+        )
+
+    @classmethod
+    @checked_inputs(NAME)
+    def execute(
+        cls,
+        model,
+        clip,
+        regions,
+        global_prompt,
+        global_negative,
+        concepts=None,
+        adapters="scoped",
+        region_weights="",
+    ) -> io.NodeOutput:
+        stack = concepts if concepts is not None else ConceptStack()
+        if adapters not in ADAPTER_MODES:
+            raise NodeError(cls.NAME, f"adapters is {adapters!r}; choose one of {', '.join(ADAPTER_MODES)}.")
+        try:
+            weights = parse_region_weights(region_weights, regions)
+            plans = plan_regions(stack, regions, global_prompt, global_negative, weights)
+        except RegionalPlanError as e:
+            raise NodeError(cls.NAME, str(e)) from None
+        masks = regions.masks()
+        clone = model.clone()
+        try:
+            for concept in stack:  # SD1.5 vs SDXL: refused by name before anything is applied
+                if concept.kind == "edlora" and adapters != "already applied":
+                    check_compatible(model, clip, concept.adapter, concept.source)
+            kv_factors = _apply_unet_adapters(cls.NAME, clone, stack, plans, masks, adapters)
+            pos_side, neg_side, positive, negative = _encode_all(
+                clip, stack, plans, global_prompt, global_negative, adapters
+            )
+            install_regional_attention(clone, cls.NAME)
+        except (RegionalPlanError, RegionalSamplingError, ScopedLoRAError, EDLoRAApplyError) as e:
+            raise NodeError(cls.NAME, str(e)) from None
+        except (ValueError, RecursionError, IndexError, KeyError, TypeError) as e:  # the tokenizer on odd text
+            raise NodeError(
+                cls.NAME, f"the prompts could not be encoded ({type(e).__name__}: {str(e)[:200]}). Check the prompts."
+            ) from None
+        if any(LAYERWISE_KEY in d for _, d in positive):
+            add_layerwise_routing(clone)
+        layout = RegionalLayout(
+            node=cls.NAME,
+            width=regions.width,
+            height=regions.height,
+            masks=masks.float().cpu(),
+            weights=torch.tensor([p.weight for p in plans], dtype=torch.float32),
+            labels=tuple(p.label or f"box {p.index + 1}" for p in plans),
+            kv_factors=kv_factors,
+        )
+        positive = [[c, {**d, REGIONAL_KEY: RegionalSide(layout, pos_side)}] for c, d in positive]
+        negative = [[c, {**d, REGIONAL_KEY: RegionalSide(layout, neg_side)}] for c, d in negative]
+        preview = draw_regions(_labelled(regions, plans, stack))
+        return io.NodeOutput(clone, positive, negative, preview)
+
+
+def _apply_unet_adapters(node, clone, stack, plans, masks, mode) -> tuple[dict, ...]:
+    """Put the concepts' UNet adapters on ``clone``; return each region's cross-attention k/v factors (scoped)."""
+    kv_factors: list[dict] = [{} for _ in plans]
+    if mode == "already applied" or not len(stack):
+        return tuple(kv_factors)
+    merged = set(clone.model_options.get("transformer_options", {}).get(MERGED_KEY, ()))
+    scoped_items = []
+    for ci, concept in enumerate(stack):
+        if concept.loader_uid and concept.loader_uid in merged:
+            raise RegionalPlanError(
+                f"the MODEL already has {concept.source} merged everywhere (it comes from that ED-LoRA Loader). "
+                "Connect the checkpoint's MODEL, or set adapters to 'already applied'."
+            )
+        if not concept.strength_unet:
+            continue
+        if mode == "merged":
+            if concept.kind == "edlora":
+                clone.add_patches(unet_patches(clone, concept.adapter, concept.source), concept.strength_unet)
+            else:
+                import comfy.lora
+
+                key_map = comfy.lora.model_lora_keys_unet(clone.model, {})
+                tensors = {
+                    k: v
+                    for k, v in concept.adapter.tensors.items()
+                    if not (k.startswith(TEXT_ENCODER_PREFIXES) or ".text_model." in k)
+                }
+                clone.add_patches(comfy.lora.load_lora(tensors, key_map, log_missing=False), concept.strength_unet)
+            continue
+        resolved = resolve_concept(clone, concept)
+        kv = {p: f for p, f in resolved.factors.items() if _ATTN2_KV.search(p)}
+        rest = {p: f for p, f in resolved.factors.items() if p not in kv}
+        owned = [p.index for p in plans if ci in p.concepts]
+        for r in owned:
+            for path, f in kv.items():
+                attn, which = path.rsplit(".", 1)
+                slot = kv_factors[r].setdefault(attn, {})
+                slot[which] = slot.get(which, ()) + (f,)
+        if rest:
+            mask = masks[owned].amax(dim=0)
+            scoped_items.append(
+                ScopedConcept(ResolvedConcept(concept, rest, resolved.ignored_text_keys), Scope(mask=mask))
+            )
+    if scoped_items:
+        install_scoped_lora(clone, scoped_items, node)
+    return tuple(kv_factors)
+
+
+def _encode_all(clip, stack, plans, global_prompt, global_negative, mode):
+    """Encode the global prompts and every box's prompts; each box with only its own concepts."""
+    known_ok = mode == "already applied"
+    everything = [c for c in stack if c.kind == "edlora"]
+    named = [stack[i] for i in concepts_in(global_prompt, stack)]
+    global_clip = concept_clip(clip, everything, [] if known_ok else named, known_ok=known_ok)
+    plain_clip = concept_clip(clip, everything, [], known_ok=known_ok) if named and not known_ok else global_clip
+    positive = encode(global_clip, global_prompt)
+    negative = encode(plain_clip, global_negative or "")
+    negative_layers = layer_contexts(negative)
+    clips: dict[tuple, object] = {}
+    pos_side, neg_side = [], []
+    for plan in plans:
+        own = [stack[i] for i in plan.concepts]
+        if plan.concepts not in clips:
+            clips[plan.concepts] = concept_clip(clip, own, [] if known_ok else own, known_ok=known_ok)
+        region_clip = clips[plan.concepts]
+        pos_side.append(layer_contexts(encode(region_clip, plan.prompt)))
+        neg_side.append(
+            layer_contexts(encode(region_clip, plan.negative)) if plan.negative.strip() else negative_layers
+        )
+    return tuple(pos_side), tuple(neg_side), positive, negative
+
+
+def _labelled(regions, plans, stack):
+    new = []
+    for r, plan in zip(regions.regions, plans, strict=True):
+        words = ", ".join(stack[i].prompt_words or stack[i].source for i in plan.concepts)
+        head = r.label or f"box {plan.index + 1}"
+        new.append(replace(r, label=f"{head}: {words}" if words else head))
+    return replace(regions, regions=tuple(new))
