@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..edlora.layerwise import cross_attention_order, layer_for, layer_index
+from ..edlora.layerwise import _to_rows, cross_attention_order, layer_for, layer_index
 from ..scoped_lora.lowrank import LowRankFactors, token_grid
-from .regional_attention import LayerRegions, layer_regions, regional_attention, stack_regions
+from .regional_attention import LayerRegions, _repeat_to, layer_regions, regional_attention, stack_regions
 
 REGIONAL_KEY = "multiconcept_regional"  # conditioning dict entry: a RegionalSide
 RUN_KEY = "multiconcept_regional_run"  # transformer_options entry during a run: a RegionalRun
@@ -136,19 +136,6 @@ def _lora_delta(x: torch.Tensor, factors: tuple[LowRankFactors, ...]) -> torch.T
         d = (xf @ f.down.to(xf).flatten(1).t()) @ f.up.to(xf).flatten(1).t() * f.scale
         out = d if out is None else out + d
     return out
-
-
-def _to_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    if t.shape[0] == rows:
-        return t
-    if t.shape[0] == 1:
-        return t.expand(rows, *t.shape[1:])
-    reps = -(-rows // t.shape[0])
-    return t.repeat(reps, *([1] * (t.ndim - 1)))[:rows]
-
-
-def _repeat_to(t: torch.Tensor, tokens: int) -> torch.Tensor:
-    return t if t.shape[1] == tokens else t.repeat(1, tokens // t.shape[1], 1)
 
 
 # ------------------------------------------------------------------------------------------- wrapper
