@@ -376,7 +376,6 @@ def test_plain_sampling_after_regional_sampling_is_unchanged(comfy, base):
     pos, neg = plain_conds(clip)
     before = sample(model, pos, neg)
     weights = {k: v.clone() for k, v in model.model.state_dict().items()}
-    clip_weights = {k: v.clone() for k, v in clip.patcher.model.state_dict().items()}
     stack = stack_of(comfy, ("mos_cat.pth", "cat"), ("mos_dog.pth", "dog"))
     for mode in ("scoped", "merged"):
         out = regional(
@@ -391,7 +390,9 @@ def test_plain_sampling_after_regional_sampling_is_unchanged(comfy, base):
     after = sample(model, *plain_conds(clip))
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
     assert all(torch.equal(weights[k], v) for k, v in model.model.state_dict().items())
-    assert all(torch.equal(clip_weights[k], v) for k, v in clip.patcher.model.state_dict().items())
+    # the CLIP encodes exactly as before (its shared weights may still hold a region CLIP's text-encoder LoRA
+    # until ComfyUI next loads the plain CLIP: ComfyUI unpatches lazily, as for its own LoRA loader)
+    assert torch.equal(plain_conds(clip)[0][0][0], pos[0][0]) and torch.equal(plain_conds(clip)[1][0][0], neg[0][0])
     hooked = [n for n, mod in model.model.diffusion_model.named_modules() if mod._forward_hooks]
     assert hooked == [] and not model.patches
     assert "patches_replace" not in model.model_options.get("transformer_options", {})
