@@ -1,6 +1,7 @@
 """Mix-of-Show regional sampling cost and locality, as ratios against plain ComfyUI sampling in the same run.
 
     python benchmarks/bench_mixofshow.py [--quick] [--size 512] [--steps 4] [--repeats 3] [--rank 16] [--profile]
+                                         [--only "mixofshow x2 +2 LoRAs"]
 
 Needs ComfyUI (COMFYUI_PATH or ~/comfy/ComfyUI) and the test venv. The model is an SD1.5 UNet at full
 widths (320/640/1280, 860M parameters) with seeded random weights (benchmarks/bench_scoped_lora.py builds
@@ -31,7 +32,8 @@ is changed (in every other repeat, which counts for the timing too: the cost is 
 |change| outside region 1 past a margin of 1 latent cell / mean |change| inside, in the first step's
 denoised prediction and in the final latent.
 ``--quick``: 256x256, 3 steps, 2 repeats. ``--profile``: also profile one 8-region run and one run with concepts
-(cProfile; the pack's functions and ComfyUI's attention). The output ends with one JSON figure per line
+(cProfile; the pack's functions and ComfyUI's attention). ``--only A,B``: plain and the named configurations
+only (a quick check of one change; the figures of the others are left out). The output ends with one JSON figure per line
 (benchmarks/figures.py).
 """
 
@@ -112,6 +114,7 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=16, help="rank of each concept LoRA")
     parser.add_argument("--quick", action="store_true", help="256x256, 3 steps, 2 repeats")
     parser.add_argument("--profile", action="store_true", help="also profile an 8-region and a concept run (cProfile)")
+    parser.add_argument("--only", default="", help="comma-separated configurations to run beside plain")
     args = parser.parse_args()
     if args.quick:
         args.size, args.steps, args.repeats = 256, 3, 2
@@ -216,6 +219,12 @@ def main() -> int:
     for n in LAYOUTS:
         builders[f"core masks x{n}"] = lambda changed=False, n=n: core(n, changed)
     builders["core masks+hooks x2"] = lambda changed=False: core(2, changed, with_hooks=True)
+    if args.only:
+        wanted = {"plain", *(w.strip() for w in args.only.split(",") if w.strip())}
+        unknown = wanted - set(builders)
+        if unknown:
+            parser.error(f"--only: unknown configuration(s) {sorted(unknown)}; known: {sorted(builders)}")
+        builders = {k: v for k, v in builders.items() if k in wanted}
 
     # Two variants of every configuration: as given, and with region 1's prompt changed (the locality pair).
     # Even repeats sample the first, odd repeats the second; both cost the same (each prompt is one 77-token
@@ -284,7 +293,7 @@ def main() -> int:
         import io
         import pstats
 
-        for label in ("mixofshow x8", "mixofshow x2 +2 LoRAs"):
+        for label in [k for k in ("mixofshow x8", "mixofshow x2 +2 LoRAs") if k in variants]:
             mdl, pos, neg = variants[label][0]
             prof = cProfile.Profile()
             prof.enable()
@@ -338,34 +347,40 @@ def main() -> int:
               "run_memory_mib": peak_run, "run_memory_extra_vs_plain_mib": extra,
               "leak_first_step": {k: v[0] for k, v in leaks.items()},
               "leak_final_latent": {k: v[1] for k, v in leaks.items()}, "run_seconds": total}  # fmt: skip
-    (out / "mixofshow.json").write_text(json.dumps(report, indent=2))
+    (out / ("mixofshow_partial.json" if args.only else "mixofshow.json")).write_text(json.dumps(report, indent=2))
 
     figures = Figures()
-    figures.add("mixofshow_step_ratio_2_regions", ratio["mixofshow x2"], target=1.15)
-    figures.add("mixofshow_step_ratio_4_regions", ratio["mixofshow x4"])
-    figures.add("mixofshow_step_ratio_8_regions", ratio["mixofshow x8"], target=1.35)
-    figures.add("mixofshow_step_ratio_2_scoped_concepts", ratio["mixofshow x2 +2 LoRAs"], target=1.3)
+
+    def add(metric, table, *labels, **kw):  # a figure only when its configurations ran (see --only)
+        if all(k in table for k in labels):
+            value = table[labels[0]] if len(labels) == 1 else table[labels[0]] / table[labels[1]]
+            figures.add(metric, value, **kw)
+
+    add("mixofshow_step_ratio_2_regions", ratio, "mixofshow x2", target=1.15)
+    add("mixofshow_step_ratio_4_regions", ratio, "mixofshow x4")
+    add("mixofshow_step_ratio_8_regions", ratio, "mixofshow x8", target=1.35)
+    add("mixofshow_step_ratio_2_scoped_concepts", ratio, "mixofshow x2 +2 LoRAs", target=1.3)
     for n in LAYOUTS:
-        figures.add(f"core_masks_step_ratio_{n}_regions", ratio[f"core masks x{n}"])
-    figures.add("core_masks_hooks_step_ratio_2_concepts", ratio["core masks+hooks x2"])
+        add(f"core_masks_step_ratio_{n}_regions", ratio, f"core masks x{n}")
+    add("core_masks_hooks_step_ratio_2_concepts", ratio, "core masks+hooks x2")
     for n in LAYOUTS:
-        figures.add(f"core_masks_over_mixofshow_{n}_regions", med[f"core masks x{n}"] / med[f"mixofshow x{n}"],
-                    better="higher")  # fmt: skip
+        add(f"core_masks_over_mixofshow_{n}_regions", med, f"core masks x{n}", f"mixofshow x{n}", better="higher")
     for label, name in (
         *((f"mixofshow x{n}", f"mixofshow_{n}_regions") for n in LAYOUTS),
         ("mixofshow x2 +2 LoRAs", "mixofshow_2_scoped_concepts"),
         *((f"core masks x{n}", f"core_masks_{n}_regions") for n in LAYOUTS),
         ("core masks+hooks x2", "core_masks_hooks_2_concepts"),
     ):
-        figures.add(f"{name}_leak_first_step", leaks[label][0])
-        figures.add(f"{name}_leak_final_latent", leaks[label][1])
+        if label in leaks:
+            figures.add(f"{name}_leak_first_step", leaks[label][0])
+            figures.add(f"{name}_leak_final_latent", leaks[label][1])
     for n in (2, 8):
-        figures.add(f"mixofshow_setup_seconds_{n}_regions", setup[f"mixofshow x{n}"], unit="s")
-        figures.add(f"core_masks_setup_seconds_{n}_regions", setup[f"core masks x{n}"], unit="s")
+        add(f"mixofshow_setup_seconds_{n}_regions", setup, f"mixofshow x{n}", unit="s")
+        add(f"core_masks_setup_seconds_{n}_regions", setup, f"core masks x{n}", unit="s")
     figures.add("run_memory_plain", peak_run["plain"], unit="MiB")
     for k in ("mixofshow x2", "mixofshow x8", "mixofshow x2 +2 LoRAs", "core masks x8", "core masks+hooks x2"):
         name = k.replace(" x", "_x").replace(" +2 LoRAs", "_2_scoped_concepts").replace("+", "_").replace(" ", "_")
-        figures.add(f"run_memory_over_plain_{name}", extra[k], unit="MiB")
+        add(f"run_memory_over_plain_{name}", extra, k, unit="MiB")
     figures.add_peak_memory("mixofshow_bench_peak_rss")
     figures.print()
     return 0

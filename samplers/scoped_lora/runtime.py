@@ -24,7 +24,9 @@ What still reaches outside a region is carried there by the plain network itself
 convolutions mix positions), as it would carry any change of the picture; see the locality test.
 
 Per step the cost is two thin products per adapted layer for all concepts together (``lowrank``), plus,
-for attention with spatially scoped keys/values, one attention over each concept's own queries.
+for attention with spatially scoped keys/values, one attention over each concept's own queries; the plain
+attention then runs only for the queries not fully covered by concepts, so where regions tile the image a
+query is attended once, as without concepts.
 
 Installation is on a ``ModelPatcher`` clone only: forward hooks through ``set_injections`` (added when the
 clone is loaded for sampling, removed when it is unloaded), a ``DIFFUSION_MODEL`` wrapper that works out
@@ -75,12 +77,14 @@ class Scope:
                   SAM mask at image size); None means everywhere.
     ``row_tags``  only the batch rows of conds whose ``ROW_TAGS_KEY`` entry shares a tag with these; None
                   means the rows of all conds.
-    ``cond_kinds`` which of ComfyUI's chunks: 0 = positive (cond), 1 = negative (uncond).
+    ``cond_kinds`` which of ComfyUI's chunks: 0 = positive (cond), 1 = negative (uncond); None = every chunk
+                  (guiders that batch more cond lists than two, e.g. OMG's per-concept prompts, number them
+                  0, 1, 2, ...; there the row tags pick the rows).
     """
 
     mask: torch.Tensor | None = None
     row_tags: frozenset | None = None
-    cond_kinds: frozenset = frozenset({COND, UNCOND})
+    cond_kinds: frozenset | None = frozenset({COND, UNCOND})
 
     @property
     def spatial(self) -> bool:
@@ -328,7 +332,8 @@ class ScopedLoRA:
     def call_weights(self, x: torch.Tensor, options: dict) -> torch.Tensor:
         """``[K, B, H, W]``: each concept's weight per row and latent position for this call."""
         b, hw = int(x.shape[0]), tuple(int(s) for s in x.shape[-2:])
-        if self._run_latent is not None and hw != self._run_latent:
+        spatial = any(c.scope.spatial for c in self.concepts)
+        if spatial and self._run_latent is not None and hw != self._run_latent:
             raise ScopedLoRAError(
                 f"{self.node}: a conditioning covers only part of the latent ({hw[1] * 8}x{hw[0] * 8} of "
                 f"{self._run_latent[1] * 8}x{self._run_latent[0] * 8} px, e.g. ConditioningSetArea); regions cannot "
@@ -341,7 +346,7 @@ class ScopedLoRA:
         for k, c in enumerate(self.concepts):
             rows = torch.zeros(b)
             for j, kind in enumerate(kinds):
-                ok = kind in c.scope.cond_kinds
+                ok = c.scope.cond_kinds is None or kind in c.scope.cond_kinds
                 if ok and c.scope.row_tags is not None:
                     ok = bool(self._run_tags.get(uuids[j] if j < len(uuids) else None, frozenset()) & c.scope.row_tags)
                 if ok:
@@ -487,16 +492,30 @@ class ScopedAttention:
         )
 
     def __call__(self, q, k, v, extra_options):
-        base = self._attention(q, k, v, extra_options)
         call = self.runtime._call
         pending = call.pending.pop(self.attn_path, None) if call is not None else None
-        if not pending:
-            return base
+        owners = [o for o in (pending or {}) if call.active[o]]
+        if not owners:
+            return self._attention(q, k, v, extra_options)
         weights = call.tokens(q.shape[1], self.attn_path)  # [B, N, K]
-        out = base
-        for owner, deltas in pending.items():
-            if not call.active[owner]:
-                continue
+        # out = (1 - sum_c w_c) * plain + sum_c w_c * with_c: the plain attention is needed only for the
+        # queries some share of which is left to it, so inside fully covered regions each query is attended
+        # once (the concept's), not twice; outside every region the factor is exactly 1 (output unchanged).
+        rest = 1.0 - weights.index_select(-1, torch.tensor(owners, device=weights.device)).sum(-1)  # [B, N]
+        plain_tokens = torch.nonzero((rest > 1e-6).any(dim=0)).flatten()
+        n = q.shape[1]
+        if plain_tokens.numel() == n:
+            out = self._attention(q, k, v, extra_options)
+        else:
+            out = None
+            if plain_tokens.numel():
+                part = self._attention(q.index_select(1, plain_tokens), k, v, extra_options)
+                out = part.new_zeros(part.shape[0], n, part.shape[-1])
+                out[:, plain_tokens] = part
+        if out is not None:
+            out = out * rest.to(out.dtype).unsqueeze(-1)
+        for owner in owners:
+            deltas = pending[owner]
             w = weights[..., owner]  # [B, N]
             rows = torch.nonzero(w.amax(dim=1) > 0).flatten()
             tokens = torch.nonzero(w.index_select(0, rows).amax(dim=0) > 0).flatten()
@@ -510,12 +529,11 @@ class ScopedAttention:
                 v_c = v_c + deltas["to_v"].index_select(0, rows).to(v.dtype)
             q_c = q.index_select(0, rows).index_select(1, tokens)
             region = self._attention(q_c, k_c, v_c, extra_options)  # only the concept's own positions
-            base_c = base.index_select(0, rows).index_select(1, tokens)
-            w_c = w.index_select(0, rows).index_select(1, tokens).to(base.dtype).unsqueeze(-1)
-            if out is base:
-                out = base.clone()
+            if out is None:
+                out = region.new_zeros(q.shape[0], n, region.shape[-1])
+            w_c = w.index_select(0, rows).index_select(1, tokens).to(region.dtype).unsqueeze(-1)
             where = (rows[:, None], tokens[None, :])
-            out[where] = out[where] + w_c * (region - base_c)  # overlapping concepts add their shares
+            out[where] = out[where] + w_c * region  # overlapping concepts add their shares
         return out
 
     def __deepcopy__(self, memo):

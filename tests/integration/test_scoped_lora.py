@@ -101,6 +101,60 @@ def test_one_concept_with_an_all_ones_mask_equals_comfyui_merging_it(base, mods)
     assert torch.allclose(out, ref_out, atol=5e-4, rtol=1e-3), (out - ref_out).abs().max()
 
 
+class CountingAttention:
+    """attn1 replace patch under the scoped one: counts the query positions attended per layer call."""
+
+    def __init__(self):
+        self.queries = 0
+
+    def __call__(self, q, k, v, extra_options):
+        import comfy.ldm.modules.attention as attention
+
+        self.queries += q.shape[0] * q.shape[1]
+        return attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+
+def _self_attention_queries(model, mods, entries, pos, neg):
+    """Query positions attended by the first input block's self-attention over one sampling step."""
+    clone = model.clone()
+    counter = CountingAttention()
+    clone.set_model_attn1_replace(counter, "input", 1, 0)
+    rt = mods["runtime"]
+    items = [rt.ScopedConcept(mods["adapters"].resolve_concept(clone, c), rt.Scope(**kw)) for c, kw in entries]
+    if items:
+        rt.install_scoped_lora(clone, items, "Test")
+    _, out = sample(clone, pos, neg, steps=1)
+    assert has_range(out)
+    return counter.queries
+
+
+def test_covered_queries_are_attended_once_not_also_by_the_plain_attention(base, mods):
+    # Keys/values scoped to a region: the queries inside attend to the concept's keys/values. Where the
+    # concepts' masks cover a query fully, the plain attention is not needed there (its share is 0), so two
+    # concepts tiling the image cost one attention, as without concepts; a half-covered image costs 1.5.
+    model, _, _, pos, neg = base
+    sd_a, sd_b = make_lora(model, SD15_ATTENTION, seed=11), make_lora(model, SD15_ATTENTION, seed=12)
+    left, right = box_mask(0, 0, W // 2, H), box_mask(W // 2, 0, W, H)
+    plain = _self_attention_queries(model, mods, [], pos, neg)
+    tiled = _self_attention_queries(
+        model,
+        mods,
+        [
+            (lora_concept(mods, sd_a, "a.safetensors"), {"mask": left}),
+            (lora_concept(mods, sd_b, "b.safetensors"), {"mask": right}),
+        ],
+        pos,
+        neg,
+    )
+    half = _self_attention_queries(model, mods, [(lora_concept(mods, sd_a, "a.safetensors"), {"mask": left})], pos, neg)
+    soft = _self_attention_queries(
+        model, mods, [(lora_concept(mods, sd_a, "a.safetensors"), {"mask": torch.full((H, W), 0.5)})], pos, neg
+    )
+    assert plain > 0
+    assert tiled == plain and half == plain, (tiled, half, plain)
+    assert soft == 2 * plain, (soft, plain)
+
+
 def test_locon_with_mid_factors_equals_merging(base, mods):
     model, _, _, pos, neg = base
     sd = make_lora(
