@@ -9,6 +9,7 @@ from .concept_stack import ConceptStackEDLoRA, ConceptStackLoaded, ConceptStackL
 from .edlora_convert import EDLoRAConvert
 from .edlora_loader import EDLoRALoader
 from .mixofshow_regional import MixOfShowRegional
+from .omg import OMG, OMGGuiderNode, OMGModelConcept, OMGStage1
 from .regional_lora import RegionalLoRA
 from .regions import Regions
 from .sam import SAMLoader, SAMMasks
@@ -24,6 +25,10 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     ConceptStackLoaded,
     RegionalLoRA,
     MixOfShowRegional,
+    OMG,
+    OMGStage1,
+    OMGGuiderNode,
+    OMGModelConcept,
 ]
 
 

@@ -139,6 +139,41 @@ def _providers(ckpt: str) -> dict:
             },
             ["p_ed", 2],
         ),
+        "LATENT": (
+            {"p_lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}},
+            ["p_lat", 0],
+        ),
+        "CONDITIONING": (
+            {
+                "p_ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+                "p_text": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["p_ckpt", 1], "text": "a dog"}},
+            },
+            ["p_text", 0],
+        ),
+        "OMG_LAYOUT": (
+            {
+                "p_ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+                "p_lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+                "p_omg1": {
+                    "class_type": "MultiConceptOMGStage1",
+                    "inputs": {
+                        "model": ["p_ckpt", 0],
+                        "clip": ["p_ckpt", 1],
+                        "vae": ["p_ckpt", 2],
+                        "latent_image": ["p_lat", 0],
+                        "seed": 0,
+                        "steps": 4,
+                        "cfg": 5.0,
+                        "sampler_name": "euler",
+                        "scheduler": "normal",
+                        "scene_prompt": "a cat and a dog on a sofa",
+                        "negative": "",
+                        "start": 0.5,
+                    },
+                },
+            },
+            ["p_omg1", 0],
+        ),  # fmt: skip
         "CONCEPT_STACK": (
             {
                 "p_stack": {
@@ -163,9 +198,18 @@ GOOD_TEXT = {
     ("MultiConceptStackLoRA", "region_label"): "dog",
     ("MultiConceptStackEDLoRA", "region_label"): "cat",
     ("MultiConceptMixOfShowRegional", "global_prompt"): "a cat and a dog on a sofa",
+    ("MultiConceptOMG", "scene_prompt"): "a cat and a dog on a sofa",
+    ("MultiConceptOMGStage1", "scene_prompt"): "a cat and a dog on a sofa",
+    ("MultiConceptOMGModelConcept", "class_word"): "dog",
+    ("MultiConceptOMG", "steps"): 3,  # each accepted value samples both stages: keep them short
+    ("MultiConceptOMGStage1", "steps"): 3,
 }
 # Optional sockets a node needs one of to run.
-OPTIONAL_LINKS = {"MultiConceptSAMMasks": ("regions",)}
+OPTIONAL_LINKS = {
+    "MultiConceptSAMMasks": ("regions",),
+    "MultiConceptOMG": ("regions",),  # the fuzz stack's concept has a region label but no class word
+    "MultiConceptOMGGuider": ("regions",),
+}
 
 
 def _base_graph(node_id: str, info: dict, ckpt: str) -> tuple[dict, list[tuple[str, str]]]:

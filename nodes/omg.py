@@ -1,0 +1,500 @@
+"""OMG: the scene sampled once from class words, then each concept's own prediction blended inside its mask
+(occlusion-friendly: concepts may overlap, hug, hold each other).
+
+Three nodes: the all-in-one **OMG Sampler** for KSampler users, and **OMG Stage 1** + **OMG Guider** for
+SamplerCustomAdvanced graphs (the same two stages, with the stage-1 image and layout in between)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io
+
+from ..samplers.edlora.clip import LAYERWISE_KEY
+from ..samplers.edlora.model import EDLoRAApplyError, add_layerwise_routing, check_compatible
+from ..samplers.mixofshow.encoding import concept_clip, encode
+from ..samplers.mixofshow.plan import RegionalPlanError
+from ..samplers.omg.blend import POLICIES, resize_masks
+from ..samplers.omg.guider import OMGGuider
+from ..samplers.omg.layout import LayoutError, LayoutStore
+from ..samplers.omg.stages import (
+    ModelConcept,
+    OMGError,
+    OMGLayout,
+    attention_boxes,
+    boxes_for_concepts,
+    class_word_tokens,
+    concept_prompt,
+    mask_preview,
+    masks_from_boxes,
+    parse_concept_prompts,
+    run_stage1,
+    stage2_model,
+    tag_rows,
+    with_labels,
+)
+from ..samplers.scoped_lora.adapters import ScopedLoRAError
+from .common import CATEGORY_ROOT, ConceptStackType, NodeError, checked_inputs
+from .regions import RegionsType
+from .sam import SamModelType
+
+log = logging.getLogger("multiconcept")
+
+CATEGORY_METHODS = f"{CATEGORY_ROOT}/methods"
+OMGLayoutType = io.Custom("OMG_LAYOUT")
+# whole-MODEL concepts (a tuple of samplers.omg.stages.ModelConcept), from OMG Model Concept nodes
+ModelConceptsType = io.Custom("OMG_MODEL_CONCEPTS")
+_ERRORS = (OMGError, LayoutError, ScopedLoRAError, EDLoRAApplyError, RegionalPlanError)
+CROP_MARGIN = 4  # latent cells (32 px) around a concept's mask when concepts are cropped
+
+
+# ------------------------------------------------------------------------------------ shared inputs
+
+
+def _stage1_inputs(with_concepts_required: bool) -> list:
+    import comfy.samplers
+
+    concepts = ConceptStackType.Input(
+        "concepts",
+        optional=not with_concepts_required,
+        tooltip="The concepts (ED-LoRAs, LoRAs) from the Concept Stack nodes. Each needs a class word (for "
+        "automatic masks) or a region label matching a box."
+        + ("" if with_concepts_required else " Here only their class words are read, to keep their attention maps."),
+    )
+    return [
+        io.Model.Input("model", tooltip="The checkpoint's MODEL (SD1.x, SD2.x or SDXL), without the concepts."),
+        io.Clip.Input(
+            "clip", tooltip="The checkpoint's CLIP; the scene and each concept's prompt are encoded with it."
+        ),
+        io.Vae.Input("vae", tooltip="Decodes the stage-1 image for SAM and the mask preview."),
+        concepts,
+        io.Latent.Input("latent_image", tooltip="An Empty Latent Image of the size to sample."),
+        io.Int.Input(
+            "seed",
+            default=0,
+            min=0,
+            max=0xFFFFFFFFFFFFFFFF,
+            control_after_generate=True,
+            tooltip="Noise seed; both stages use it.",
+        ),  # fmt: skip
+        io.Int.Input("steps", default=20, min=2, max=10000, tooltip="Sampling steps of the whole schedule."),
+        io.Float.Input(
+            "cfg",
+            default=7.0,
+            min=0.0,
+            max=100.0,
+            step=0.1,
+            round=0.01,
+            tooltip="Classifier-free guidance, for the scene and every concept.",
+        ),  # fmt: skip
+        io.Combo.Input(
+            "sampler_name",
+            options=comfy.samplers.KSampler.SAMPLERS,
+            default="euler",
+            tooltip="Deterministic samplers (euler, dpmpp_2m, ...) continue stage 1 exactly.",
+        ),  # fmt: skip
+        io.Combo.Input(
+            "scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal", tooltip="The noise schedule."
+        ),  # fmt: skip
+        io.String.Input(
+            "scene_prompt",
+            multiline=True,
+            default="",
+            tooltip="The scene with class words only, one mention per concept: 'a man and a woman hugging in a "
+            "park'. Stage 1 samples it; automatic masks look for each concept's class word here.",
+        ),
+        io.String.Input(
+            "negative", multiline=True, default="", tooltip="Negative prompt for the scene and every concept."
+        ),  # fmt: skip
+        io.Float.Input(
+            "start",
+            default=0.32,
+            min=0.05,
+            max=0.95,
+            step=0.01,
+            tooltip="Where blending starts, as a fraction of the steps (0.32 = step 16 of 50, the official setting; "
+            "the paper counts the same point down as timestep 35). Earlier: more of each concept's own shape; "
+            "later: more of stage 1's layout. The steps before are stage 1's, not sampled again.",
+        ),
+    ]
+
+
+def _layout_memory_input():
+    return io.Int.Input(
+        "layout_memory_mb",
+        default=1024,
+        min=0,
+        max=65536,
+        optional=True,
+        tooltip="Memory for stage 1's attention replay (SD1.5 at 512 px: about 22 MB per step in fp16; SDXL at 1024 px: "
+        "about 210 MB). Past it, the last steps are not replayed. 0: no replay.",
+    )
+
+
+def _model_concepts_input():
+    return ModelConceptsType.Input(
+        "model_concepts",
+        optional=True,
+        tooltip="Optional concepts that are a whole MODEL with their own prompts (OMG Model Concept nodes), e.g. "
+        "the base model with an IP-Adapter or InstantID patch. Each runs as a pass of its own; their masks come "
+        "after the stack's.",
+    )
+
+
+def _stage2_inputs() -> list:
+    return [
+        io.Combo.Input(
+            "overlap",
+            options=list(POLICIES),
+            default="front_to_back",
+            optional=True,
+            tooltip="Where masks overlap. front_to_back: the first concept in the stack is in front and covers the "
+            "others (occlusion). normalised: each gets its share.",
+        ),
+        RegionsType.Input(
+            "regions",
+            optional=True,
+            tooltip="Optional boxes (Regions node), one per concept by label, at the latent's size. Without them "
+            "each concept's box comes from its class word's attention in stage 1.",
+        ),
+        SamModelType.Input(
+            "sam",
+            optional=True,
+            tooltip="Optional SAM model (SAM Loader): refines each box to the object's outline in the stage-1 "
+            "image. Without it the boxes are the masks.",
+        ),
+        io.String.Input(
+            "concept_prompts",
+            multiline=True,
+            default="",
+            optional=True,
+            tooltip="Optional: each concept's own prompt, one line per concept ('label: prompt', or in stack "
+            "order). Empty: the scene prompt with the concept's words before its class word.",
+        ),
+        io.Boolean.Input(
+            "crop_concepts",
+            default=False,
+            optional=True,
+            tooltip="Predict each concept only on its mask's bounding box plus a 32 px margin: cheaper when "
+            "concepts are small; the concept then sees less of the scene around it.",
+        ),
+        io.Float.Input(
+            "mask_threshold",
+            default=0.4,
+            min=0.05,
+            max=0.95,
+            step=0.05,
+            optional=True,
+            tooltip="Automatic masks: the share of a class word's peak attention that counts as the object.",
+        ),
+    ]
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def _stage1(node, model, clip, vae, stack, latent_image, seed, steps, cfg, sampler_name, scheduler, scene_prompt,
+            negative, start, layout_memory_mb, need_words, progress=None) -> OMGLayout:  # fmt: skip
+    import comfy.samplers
+
+    if not (scene_prompt or "").strip():
+        raise NodeError(node, "scene_prompt is empty: describe the scene with class words ('a man and a dog').")
+    # ComfyUI does not check V3 combo values against their options: an unknown name would fail deep inside
+    for name, value, options in (
+        ("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS),
+        ("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS),
+    ):
+        if value not in options:
+            raise NodeError(node, f"{name} is {str(value)[:40]!r}; pick one from the list (e.g. {options[0]}).")
+    samples = latent_image["samples"]
+    lat_h, lat_w = int(samples.shape[-2]), int(samples.shape[-1])
+    start_step = min(max(1, round(start * steps)), steps - 1)
+    word_tokens = class_word_tokens(clip, scene_prompt, list(stack)) if need_words else []
+    positive = encode(clip, scene_prompt)
+    negative_c = encode(clip, negative or "")
+    store = LayoutStore(start_step, steps, (lat_h, lat_w), seed, int(layout_memory_mb) * 2**20, word_tokens)
+    run_stage1(model, positive, negative_c, latent_image, seed, steps, cfg, sampler_name, scheduler, store,
+               callback=progress, disable_pbar=progress is not None)  # fmt: skip
+    image = vae.decode(store.final[:1])
+    return OMGLayout(store, scene_prompt, negative or "", positive, negative_c, image, float(cfg))
+
+
+def _guider(node, model, clip, stack, layout: OMGLayout, overlap, regions, sam, concept_prompts, crop_concepts,
+            mask_threshold, model_concepts=()):  # fmt: skip
+    """``(guider, masks [N, H, W], preview)`` for stage 2; masks in the order of ``stack`` + ``model_concepts``."""
+    store = layout.store
+    everyone = list(stack) + list(model_concepts)
+    lat_h, lat_w = store.latent_hw
+    width, height = lat_w * 8, lat_h * 8
+    if overlap not in POLICIES:
+        raise NodeError(node, f"overlap is {overlap!r}; choose one of {', '.join(POLICIES)}.")
+    for concept in stack:
+        if concept.kind == "edlora":
+            check_compatible(model, clip, concept.adapter, concept.source)
+    if regions is not None:
+        sx, sy = width / regions.width, height / regions.height
+        if abs(sx - sy) > 8 / min(width, height):
+            raise OMGError(
+                f"the regions were drawn on a {regions.width}x{regions.height} image, the latent is {width}x{height} "
+                "(another shape). Set the Regions node's size to the latent's."
+            )
+        boxes = [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in boxes_for_concepts(everyone, regions)]
+    else:
+        wanted = class_word_tokens(clip, layout.scene_prompt, everyone)
+        if wanted != store.word_tokens:
+            raise OMGError(
+                "stage 1 kept the attention of other words than these concepts' class words: connect the same concept "
+                "stack to OMG Stage 1 (or give boxes in regions)."
+            )
+        boxes = attention_boxes(store, width, height, mask_threshold)
+    masks, refined = masks_from_boxes(boxes, width, height, layout.image, sam)
+    preview = mask_preview(layout.image, masks, boxes, with_labels(everyone), width, height)
+    resize_masks(masks, (lat_h, lat_w))  # a mask of another shape fails here, by name
+
+    prompts = _concept_prompts(stack, regions, layout.scene_prompt, concept_prompts)
+    concept_conds = []
+    for i, concept in enumerate(stack):
+        own = concept_clip(clip, [concept], [concept])
+        concept_conds.append((tag_rows(encode(own, prompts[i]), i), tag_rows(encode(own, layout.negative_prompt), i)))
+    model2 = stage2_model(model, stack, store, node)
+    if any(LAYERWISE_KEY in d for pos, neg in concept_conds for _, d in pos + neg):
+        add_layerwise_routing(model2)
+    guider = OMGGuider(model2, store, masks, overlap, node, crop_margin=CROP_MARGIN if crop_concepts else None)
+    guider.set_cfg(layout.cfg)
+    guider.set_omg_conds(
+        layout.positive, layout.negative, concept_conds, [(m.model, m.positive, m.negative) for m in model_concepts]
+    )
+    how = ("SAM in " if refined else "") + ("boxes" if regions is not None else "class-word attention boxes")
+    log.info("[multi-concept] %s: %s; masks from %s", node, store.describe(), how)
+    return guider, masks, preview
+
+
+def _concept_prompts(stack, regions, scene_prompt, text) -> list[str]:
+    given = parse_concept_prompts(text, stack)
+    by_label = {}
+    if regions is not None:
+        for r in regions.regions:
+            if r.label and r.prompt.strip():
+                by_label.setdefault(r.label, r.prompt.strip())
+    seen: dict[str, int] = {}
+    out = []
+    for i, c in enumerate(stack):
+        k = seen.get(c.class_word, 0)
+        seen[c.class_word] = k + 1
+        out.append(given.get(i) or by_label.get(c.label) or concept_prompt(scene_prompt, c, k))
+    return out
+
+
+def _need_concepts(node, stack, model_concepts):
+    from ..samplers.concept_stack import ConceptStack
+
+    stack = stack if stack is not None else ConceptStack()
+    if len(stack) == 0 and not model_concepts:
+        raise NodeError(node, "the concept stack is empty: add concepts with the Concept Stack nodes.")
+    return stack, tuple(model_concepts or ())
+
+
+def _check_model_concepts(node, model, model_concepts) -> None:
+    """Before any sampling: a model concept must be this MODEL's weights with patches of its own on top."""
+    for j, m in enumerate(model_concepts):
+        if getattr(m.model, "model", None) is not model.model or m.model.patches_uuid != model.patches_uuid:
+            raise NodeError(
+                node,
+                f"model concept {j + 1} ({m.name}) is not this MODEL with patches of its own on top (its weights "
+                "differ: a LoRA loader or merge before it?). A model concept may carry attention/model patches "
+                "(IP-Adapter, InstantID); give LoRAs as Concept Stack entries instead.",
+            )
+
+
+def _latent(latent_image, samples) -> dict:
+    out = dict(latent_image)
+    out["samples"] = samples
+    out.pop("noise_mask", None)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- nodes
+
+
+class OMG(io.ComfyNode):
+    NAME = "OMG Sampler"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MultiConceptOMG",
+            display_name="OMG Sampler (occlusion-friendly)",
+            category=CATEGORY_METHODS,
+            description="Several concepts that may overlap or occlude each other (a person holding a pet, two people "
+            "hugging). Stage 1 samples the scene from a prompt of class words with no concept; then, from the start "
+            "point on, every step blends each concept's own prediction (its LoRA, its prompt) inside its mask and "
+            "the scene's prediction outside, in one batched model call per step. Works like a KSampler: connect an "
+            "Empty Latent Image and decode the output.",
+            inputs=_stage1_inputs(True) + _stage2_inputs() + [_model_concepts_input(), _layout_memory_input()],
+            outputs=[
+                io.Latent.Output(display_name="LATENT", tooltip="The final image's latent (decode it)."),
+                io.Latent.Output(display_name="stage 1", tooltip="Stage 1's latent: the scene without concepts."),
+                io.Mask.Output(display_name="masks", tooltip="Each concept's mask, in stack order, at image size."),
+                io.Image.Output(display_name="preview", tooltip="The masks over the stage-1 image, labelled."),
+            ],
+        )
+
+    @classmethod
+    @checked_inputs(NAME)
+    def execute(cls, model, clip, vae, concepts, latent_image, seed, steps, cfg, sampler_name, scheduler,
+                scene_prompt, negative, start=0.32, overlap="front_to_back", regions=None, sam=None,
+                concept_prompts="", crop_concepts=False, mask_threshold=0.4, model_concepts=None,
+                layout_memory_mb=1024) -> io.NodeOutput:  # fmt: skip
+        import comfy.sample
+        import comfy.samplers
+        import comfy.utils
+
+        stack, extra = _need_concepts(cls.NAME, concepts, model_concepts)
+        _check_model_concepts(cls.NAME, model, extra)
+        samples = latent_image["samples"]
+        layout = None
+        try:
+            start_step = min(max(1, round(start * steps)), steps - 1)
+            total = steps + (steps - start_step)
+            bar = comfy.utils.ProgressBar(total)
+            layout = _stage1(cls.NAME, model, clip, vae, list(stack) + list(extra), latent_image, seed, steps, cfg, sampler_name,
+                             scheduler, scene_prompt, negative, start, layout_memory_mb, need_words=regions is None,
+                             progress=lambda step, x0, x, t: bar.update_absolute(step + 1, total))  # fmt: skip
+            guider, masks, preview = _guider(cls.NAME, model, clip, stack, layout, overlap, regions, sam,
+                                             concept_prompts, crop_concepts, mask_threshold, extra)  # fmt: skip
+            noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+            out = guider.sample(
+                noise, samples, comfy.samplers.sampler_object(sampler_name), layout.store.sigmas.to(torch.float32),
+                callback=lambda step, x0, x, t: bar.update_absolute(steps + step - start_step + 1, total),
+                disable_pbar=True, seed=seed,
+            )  # fmt: skip
+            stage1 = layout.store.final
+        except _ERRORS as e:
+            raise NodeError(cls.NAME, str(e)) from None
+        finally:
+            if layout is not None:
+                layout.store.free()  # the replay is done: nothing of stage 1 is kept past this node
+        return io.NodeOutput(
+            _latent(latent_image, out.to(samples.device)), _latent(latent_image, stage1), masks, preview
+        )
+
+
+class OMGStage1(io.ComfyNode):
+    NAME = "OMG Stage 1"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MultiConceptOMGStage1",
+            display_name="OMG Stage 1 (scene layout)",
+            category=CATEGORY_METHODS,
+            description="OMG's first stage for SamplerCustomAdvanced graphs: samples the scene from class words with "
+            "no concept and keeps what stage 2 replays (attention) and what automatic masks need. Connect the "
+            "layout to OMG Guider, and sample stage 2 with the same seed, steps and scheduler.",
+            inputs=_stage1_inputs(False) + [_model_concepts_input(), _layout_memory_input()],
+            outputs=[
+                OMGLayoutType.Output(display_name="layout", tooltip="The stage-1 layout, for OMG Guider."),
+                io.Latent.Output(display_name="stage 1", tooltip="Stage 1's latent: the scene without concepts."),
+                io.Image.Output(display_name="image", tooltip="The stage-1 image (e.g. for SAM Masks or a preview)."),
+            ],
+        )
+
+    @classmethod
+    @checked_inputs(NAME)
+    def execute(cls, model, clip, vae, latent_image, seed, steps, cfg, sampler_name, scheduler, scene_prompt,
+                negative, start=0.32, concepts=None, model_concepts=None, layout_memory_mb=1024) -> io.NodeOutput:  # fmt: skip
+        try:
+            stack = list(concepts or ()) + list(model_concepts or ()) or None
+            if stack is not None and not all(c.class_word.strip() for c in stack):
+                stack = None  # a concept without a class word: its mask must come from a box, so keep no maps
+            layout = _stage1(cls.NAME, model, clip, vae, stack or [], latent_image, seed, steps, cfg, sampler_name,
+                             scheduler, scene_prompt, negative, start, layout_memory_mb, need_words=stack is not None)  # fmt: skip
+        except _ERRORS as e:
+            raise NodeError(cls.NAME, str(e)) from None
+        return io.NodeOutput(layout, _latent(latent_image, layout.store.final), layout.image)
+
+
+class OMGGuiderNode(io.ComfyNode):
+    NAME = "OMG Guider"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MultiConceptOMGGuider",
+            display_name="OMG Guider (stage 2)",
+            category=CATEGORY_METHODS,
+            description="OMG's second stage as a GUIDER for SamplerCustomAdvanced: from the layout's start point, "
+            "each concept's prediction blended inside its mask. Sample with the same noise seed, steps and "
+            "scheduler as OMG Stage 1 (the steps before the start are taken from stage 1, not sampled again).",
+            inputs=[
+                io.Model.Input("model", tooltip="The same MODEL as OMG Stage 1's, without the concepts."),
+                io.Clip.Input("clip", tooltip="The checkpoint's CLIP; each concept's prompt is encoded with it."),
+                ConceptStackType.Input("concepts", tooltip="The concepts, as given to OMG Stage 1."),
+                OMGLayoutType.Input("layout", tooltip="From OMG Stage 1."),
+                *_stage2_inputs(),
+                _model_concepts_input(),
+            ],
+            outputs=[
+                io.Guider.Output(display_name="GUIDER", tooltip="For SamplerCustomAdvanced."),
+                io.Mask.Output(display_name="masks", tooltip="Each concept's mask, in stack order, at image size."),
+                io.Image.Output(display_name="preview", tooltip="The masks over the stage-1 image, labelled."),
+            ],
+        )
+
+    @classmethod
+    @checked_inputs(NAME)
+    def execute(cls, model, clip, concepts, layout, overlap="front_to_back", regions=None, sam=None,
+                concept_prompts="", crop_concepts=False, mask_threshold=0.4, model_concepts=None) -> io.NodeOutput:  # fmt: skip
+        stack, extra = _need_concepts(cls.NAME, concepts, model_concepts)
+        _check_model_concepts(cls.NAME, model, extra)
+        if not isinstance(layout, OMGLayout):
+            raise NodeError(cls.NAME, "layout must come from OMG Stage 1.")
+        try:
+            guider, masks, preview = _guider(cls.NAME, model, clip, stack, layout, overlap, regions, sam,
+                                             concept_prompts, crop_concepts, mask_threshold, extra)  # fmt: skip
+        except _ERRORS as e:
+            raise NodeError(cls.NAME, str(e)) from None
+        return io.NodeOutput(guider, masks, preview)
+
+
+class OMGModelConcept(io.ComfyNode):
+    NAME = "OMG Model Concept"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MultiConceptOMGModelConcept",
+            display_name="OMG Model Concept",
+            category=CATEGORY_METHODS,
+            description="A concept for OMG that is a whole MODEL with its own prompts: the base model with a "
+            "training-free identity patch on it (IP-Adapter, InstantID, ... from the packs you have). OMG predicts it "
+            "in a pass of its own and blends it inside its mask like any concept.",
+            inputs=[
+                io.Model.Input(
+                    "model",
+                    tooltip="The base MODEL with the concept's patches on it (attention/model patches; no LoRA: give "
+                    "LoRAs as Concept Stack entries).",
+                ),
+                io.Conditioning.Input("positive", tooltip="The concept's own prompt (and any conditioning it needs)."),
+                io.Conditioning.Input("negative", tooltip="The concept's negative prompt."),
+                io.String.Input(
+                    "class_word",
+                    default="",
+                    tooltip="Its class word in the scene prompt ('woman'), for automatic masks.",
+                ),  # fmt: skip
+                io.String.Input(
+                    "region_label", default="", optional=True, tooltip="Its box's label, when masks come from regions."
+                ),  # fmt: skip
+                ModelConceptsType.Input("model_concepts", optional=True, tooltip="Model concepts to add this one to."),
+            ],
+            outputs=[ModelConceptsType.Output(display_name="model_concepts", tooltip="For OMG Sampler / Guider.")],
+        )
+
+    @classmethod
+    @checked_inputs(NAME)
+    def execute(cls, model, positive, negative, class_word, region_label="", model_concepts=None) -> io.NodeOutput:
+        if not class_word.strip() and not region_label.strip():
+            raise NodeError(cls.NAME, "give a class_word (automatic masks) or a region_label (boxes).")
+        entry = ModelConcept(model, positive, negative, class_word.strip(), region_label.strip())
+        return io.NodeOutput(tuple(model_concepts or ()) + (entry,))
