@@ -164,6 +164,12 @@ def _stage2_inputs() -> list:
             tooltip="Optional SAM model (SAM Loader): refines each box to the object's outline in the stage-1 "
             "image. Without it the boxes are the masks.",
         ),
+        io.Mask.Input(
+            "masks",
+            optional=True,
+            tooltip="Optional: the concepts' masks themselves (one per concept, in stack order, at the image's "
+            "size, e.g. from SAM Masks on the stage-1 image). Used instead of regions and automatic masks.",
+        ),
         io.String.Input(
             "concept_prompts",
             multiline=True,
@@ -221,7 +227,7 @@ def _stage1(node, model, clip, vae, stack, latent_image, seed, steps, cfg, sampl
 
 
 def _guider(node, model, clip, stack, layout: OMGLayout, overlap, regions, sam, concept_prompts, crop_concepts,
-            mask_threshold, model_concepts=()):  # fmt: skip
+            mask_threshold, model_concepts=(), given_masks=None):  # fmt: skip
     """``(guider, masks [N, H, W], preview)`` for stage 2; masks in the order of ``stack`` + ``model_concepts``."""
     store = layout.store
     everyone = list(stack) + list(model_concepts)
@@ -232,7 +238,20 @@ def _guider(node, model, clip, stack, layout: OMGLayout, overlap, regions, sam, 
     for concept in stack:
         if concept.kind == "edlora":
             check_compatible(model, clip, concept.adapter, concept.source)
-    if regions is not None:
+    if given_masks is not None:
+        masks = given_masks.float().cpu()
+        masks = masks[None] if masks.ndim == 2 else masks
+        if masks.ndim != 3 or masks.shape[0] != len(everyone):
+            raise OMGError(
+                f"masks holds {masks.shape[0] if masks.ndim == 3 else 'no'} mask(s) for {len(everyone)} concept(s): "
+                "give one mask per concept, in stack order."
+            )
+        _fits_latent(masks, lat_h, lat_w)
+        masks = torch.nn.functional.interpolate(masks[:, None], size=(height, width), mode="bilinear")[:, 0]
+        masks = masks.clamp(0, 1)
+        boxes = [_mask_box(m, width, height) for m in masks]
+        refined = False
+    elif regions is not None:
         sx, sy = width / regions.width, height / regions.height
         if abs(sx - sy) > 8 / min(width, height):
             raise OMGError(
@@ -248,9 +267,10 @@ def _guider(node, model, clip, stack, layout: OMGLayout, overlap, regions, sam, 
                 "stack to OMG Stage 1 (or give boxes in regions)."
             )
         boxes = attention_boxes(store, width, height, mask_threshold)
-    masks, refined = masks_from_boxes(boxes, width, height, layout.image, sam)
+    if given_masks is None:
+        masks, refined = masks_from_boxes(boxes, width, height, layout.image, sam)
     preview = mask_preview(layout.image, masks, boxes, with_labels(everyone), width, height)
-    resize_masks(masks, (lat_h, lat_w))  # a mask of another shape fails here, by name
+    _fits_latent(masks, lat_h, lat_w)
 
     prompts = _concept_prompts(stack, regions, layout.scene_prompt, concept_prompts)
     concept_conds = []
@@ -265,9 +285,30 @@ def _guider(node, model, clip, stack, layout: OMGLayout, overlap, regions, sam, 
     guider.set_omg_conds(
         layout.positive, layout.negative, concept_conds, [(m.model, m.positive, m.negative) for m in model_concepts]
     )
-    how = ("SAM in " if refined else "") + ("boxes" if regions is not None else "class-word attention boxes")
+    how = (
+        "the masks input"
+        if given_masks is not None
+        else (("SAM in " if refined else "") + ("boxes" if regions is not None else "class-word attention boxes"))
+    )
     log.info("[multi-concept] %s: %s; masks from %s", node, store.describe(), how)
     return guider, masks, preview
+
+
+def _fits_latent(masks, lat_h, lat_w) -> None:
+    """Masks of another aspect ratio than the latent are refused, naming both sizes."""
+    try:
+        resize_masks(masks, (lat_h, lat_w))
+    except ValueError as e:
+        raise OMGError(f"{e}. Give masks of the sampled image's size ({lat_w * 8}x{lat_h * 8}).") from None
+
+
+def _mask_box(mask, width, height) -> tuple:
+    """The pixel bounding box of a mask (the whole image if it is empty), for the preview."""
+    on = mask > 0
+    if not bool(on.any()):
+        return (0.0, 0.0, float(width), float(height))
+    rows, cols = on.any(dim=1).nonzero().flatten(), on.any(dim=0).nonzero().flatten()
+    return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
 
 
 def _concept_prompts(stack, regions, scene_prompt, text) -> list[str]:
@@ -345,7 +386,7 @@ class OMG(io.ComfyNode):
     def execute(cls, model, clip, vae, concepts, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 scene_prompt, negative, start=0.32, overlap="front_to_back", regions=None, sam=None,
                 concept_prompts="", crop_concepts=False, mask_threshold=0.4, model_concepts=None,
-                layout_memory_mb=1024) -> io.NodeOutput:  # fmt: skip
+                layout_memory_mb=1024, masks=None) -> io.NodeOutput:  # fmt: skip
         import comfy.sample
         import comfy.samplers
         import comfy.utils
@@ -359,10 +400,11 @@ class OMG(io.ComfyNode):
             total = steps + (steps - start_step)
             bar = comfy.utils.ProgressBar(total)
             layout = _stage1(cls.NAME, model, clip, vae, list(stack) + list(extra), latent_image, seed, steps, cfg, sampler_name,
-                             scheduler, scene_prompt, negative, start, layout_memory_mb, need_words=regions is None,
+                             scheduler, scene_prompt, negative, start, layout_memory_mb,
+                             need_words=regions is None and masks is None,
                              progress=lambda step, x0, x, t: bar.update_absolute(step + 1, total))  # fmt: skip
             guider, masks, preview = _guider(cls.NAME, model, clip, stack, layout, overlap, regions, sam,
-                                             concept_prompts, crop_concepts, mask_threshold, extra)  # fmt: skip
+                                             concept_prompts, crop_concepts, mask_threshold, extra, masks)  # fmt: skip
             noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
             out = guider.sample(
                 noise, samples, comfy.samplers.sampler_object(sampler_name), layout.store.sigmas.to(torch.float32),
@@ -445,14 +487,15 @@ class OMGGuiderNode(io.ComfyNode):
     @classmethod
     @checked_inputs(NAME)
     def execute(cls, model, clip, concepts, layout, overlap="front_to_back", regions=None, sam=None,
-                concept_prompts="", crop_concepts=False, mask_threshold=0.4, model_concepts=None) -> io.NodeOutput:  # fmt: skip
+                concept_prompts="", crop_concepts=False, mask_threshold=0.4, model_concepts=None,
+                masks=None) -> io.NodeOutput:  # fmt: skip
         stack, extra = _need_concepts(cls.NAME, concepts, model_concepts)
         _check_model_concepts(cls.NAME, model, extra)
         if not isinstance(layout, OMGLayout):
             raise NodeError(cls.NAME, "layout must come from OMG Stage 1.")
         try:
             guider, masks, preview = _guider(cls.NAME, model, clip, stack, layout, overlap, regions, sam,
-                                             concept_prompts, crop_concepts, mask_threshold, extra)  # fmt: skip
+                                             concept_prompts, crop_concepts, mask_threshold, extra, masks)  # fmt: skip
         except _ERRORS as e:
             raise NodeError(cls.NAME, str(e)) from None
         return io.NodeOutput(guider, masks, preview)

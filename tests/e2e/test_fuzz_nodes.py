@@ -201,8 +201,8 @@ GOOD_TEXT = {
     ("MultiConceptOMG", "scene_prompt"): "a cat and a dog on a sofa",
     ("MultiConceptOMGStage1", "scene_prompt"): "a cat and a dog on a sofa",
     ("MultiConceptOMGModelConcept", "class_word"): "dog",
-    ("MultiConceptOMG", "steps"): 3,  # each accepted value samples both stages: keep them short
-    ("MultiConceptOMGStage1", "steps"): 3,
+    ("MultiConceptOMG", "steps"): 2,  # each accepted value samples both stages: keep them short
+    ("MultiConceptOMGStage1", "steps"): 2,
 }
 # Optional sockets a node needs one of to run.
 OPTIONAL_LINKS = {

@@ -442,3 +442,31 @@ class _TinyVAE:
     def decode(self, samples):
         rgb = samples[:, :3].clamp(-3, 3) / 6 + 0.5
         return torch.nn.functional.interpolate(rgb, scale_factor=8, mode="nearest").movedim(1, -1)
+
+
+def test_masks_given_directly_are_used_and_checked(comfy, base):
+    stack = lora_stack(comfy, ("omg_a.safetensors", "cat", ""), ("omg_b.safetensors", "dog", ""))
+    given = torch.zeros(2, H, W)
+    given[0, 10:60, 5:60] = 1.0
+    given[1, 20:90, 70:120] = 1.0
+    final, first, masks, preview = run_node(comfy, base, stack, masks=given)
+    assert torch.equal(masks, given) and has_range(final["samples"]) and preview.shape == (1, H, W, 3)
+    with pytest.raises(ValueError, match="^OMG Sampler: .*one mask per concept"):
+        run_node(comfy, base, stack, masks=given[:1])
+    with pytest.raises(ValueError, match="^OMG Sampler: .*aspect"):
+        run_node(comfy, base, stack, masks=torch.ones(2, 64, 64))
+
+
+def test_the_replay_gives_the_scene_rows_stage_one_attention(comfy, base, omg):
+    # On SD1.5 the prompt reaches the UNet only through cross-attention. Replaying stage 1's cross-attention
+    # outputs in the scene's positive rows therefore makes another scene prompt in stage 2 irrelevant from the
+    # start step on: stage 2 ends where stage 1 did. Without the replay (memory budget 0) it does not.
+    model, clip, _ = base
+    other = encode(clip, "a red car on a mountain road at night")
+    store, pos, neg, first = stage1(omg, model, clip)
+    replayed = stage2(omg, model, store, other, neg, [], torch.zeros(0, H, W))
+    torch.testing.assert_close(replayed, first, atol=1e-5, rtol=1e-5)
+    bare, *_ = stage1(omg, model, clip, budget=0)
+    assert not bare.cross and not bare.self_qk
+    unreplayed = stage2(omg, model, bare, other, neg, [], torch.zeros(0, H, W))
+    assert has_range(unreplayed) and (unreplayed - first).abs().mean() > 1e-3
