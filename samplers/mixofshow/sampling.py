@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention_patches import chained_attention
 from ..edlora.layerwise import _to_rows, cross_attention_order, layer_for, layer_index
 from ..scoped_lora.lowrank import LowRankFactors, token_grid
 from .regional_attention import LayerRegions, _repeat_to, layer_regions, regional_attention, stack_regions
@@ -192,13 +193,7 @@ class RegionalAttention:
         return self
 
     def _attention(self, q, k, v, extra_options):
-        if self.inner is not None:
-            return self.inner(q, k, v, extra_options)
-        import comfy.ldm.modules.attention as attention
-
-        return attention.optimized_attention(
-            q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision")
-        )
+        return chained_attention(self.inner, q, k, v, extra_options)
 
     def __call__(self, q, k, v, extra_options):
         base = self._attention(q, k, v, extra_options)

@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from ..attention_patches import chained_attention
+
 log = logging.getLogger("multiconcept")
 
 SELF_UNTIL = 0.4  # self-attention is replayed until this fraction of the schedule (official: 20 of 50 steps)
@@ -232,13 +234,7 @@ class LayoutPatch:
         return self
 
     def _attention(self, q, k, v, extra_options):
-        if self.inner is not None:
-            return self.inner(q, k, v, extra_options)
-        import comfy.ldm.modules.attention as attention
-
-        return attention.optimized_attention(
-            q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision")
-        )
+        return chained_attention(self.inner, q, k, v, extra_options)
 
     def __call__(self, q, k, v, extra_options):
         store = self.store

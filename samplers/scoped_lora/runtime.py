@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..attention_patches import chained_attention
 from .adapters import ResolvedConcept, ScopedLoRAError
 from .lowrank import (
     LayerFactors,
@@ -483,13 +484,7 @@ class ScopedAttention:
         self.inner = inner  # another pack's replace patch for this layer, kept as the attention function
 
     def _attention(self, q, k, v, extra_options):
-        if self.inner is not None:
-            return self.inner(q, k, v, extra_options)
-        import comfy.ldm.modules.attention as attention
-
-        return attention.optimized_attention(
-            q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision")
-        )
+        return chained_attention(self.inner, q, k, v, extra_options)
 
     def __call__(self, q, k, v, extra_options):
         call = self.runtime._call
