@@ -13,6 +13,7 @@ from .omg import OMG, OMGGuiderNode, OMGModelConcept, OMGStage1
 from .regional_lora import RegionalLoRA
 from .regions import Regions
 from .sam import SAMLoader, SAMMasks
+from .training import TrainEDLoRA
 
 NODE_CLASSES: list[type[io.ComfyNode]] = [
     EDLoRALoader,
@@ -29,6 +30,7 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     OMGStage1,
     OMGGuiderNode,
     OMGModelConcept,
+    TrainEDLoRA,
 ]
 
 

@@ -63,8 +63,12 @@ BAD = {
 }
 # Nodes that sample (seconds per accepted value) get one text value per class above instead of all of them:
 # empty, blank, overlong, control character, unbalanced weight syntax, not-a-string, token flood.
-SAMPLING_NODES = {"MultiConceptMixOfShowRegional", "MultiConceptOMG", "MultiConceptOMGStage1", "MultiConceptOMGGuider"}
+SAMPLING_NODES = {"MultiConceptMixOfShowRegional", "MultiConceptOMG", "MultiConceptOMGStage1", "MultiConceptOMGGuider",
+                  "MultiConceptTrainEDLoRA"}  # fmt: skip
 BAD_TEXT_SAMPLING = ["", " ", "x" * 200_001, "nul\x00char", "(((((((((((((", 12345, ["a", "b", "c"], "<cat1> " * 2000]
+# ...and whole numbers without the values ComfyUI coerces and accepts (3.5 -> 3, True -> 1): those are
+# covered by every other node, and here each accepted value costs a sampling or training run.
+BAD_INT_SAMPLING = ["abc", None, [1], 2**70, -(2**70), math.nan, "1e400"]
 
 
 def _kind(spec) -> str | None:
@@ -207,6 +211,12 @@ GOOD_TEXT = {
     ("MultiConceptOMGModelConcept", "class_word"): "dog",
     ("MultiConceptOMG", "steps"): 2,  # each accepted value samples both stages: keep them short
     ("MultiConceptOMGStage1", "steps"): 2,
+    # training: one step on one 64² picture (each accepted value trains)
+    ("MultiConceptTrainEDLoRA", "class_word"): "cat",
+    ("MultiConceptTrainEDLoRA", "steps"): 1,
+    ("MultiConceptTrainEDLoRA", "batch_size"): 1,
+    ("MultiConceptTrainEDLoRA", "resolution"): 64,
+    ("MultiConceptTrainEDLoRA", "output_name"): "fz_trained",
 }
 # Optional sockets a node needs one of to run.
 OPTIONAL_LINKS = {
@@ -324,7 +334,9 @@ def test_every_node_survives_bad_values(comfy_server, tiny_checkpoint, fuzz_file
         assert _check_outcome(comfy_server, node_id, display, base, f"{node_id} baseline") == "ran"
         counts = tally.setdefault(node_id, {"refused": 0, "failed": 0, "ran": 0})
         for name, kind in widgets:
-            values = BAD_TEXT_SAMPLING if kind == "STRING" and node_id in SAMPLING_NODES else BAD[kind]
+            values = BAD[kind]
+            if node_id in SAMPLING_NODES:
+                values = {"STRING": BAD_TEXT_SAMPLING, "INT": BAD_INT_SAMPLING}.get(kind, values)
             for value in values:
                 prompt = copy.deepcopy(base)
                 prompt["n"]["inputs"][name] = value

@@ -1,0 +1,364 @@
+"""Train ED-LoRA: a concept from 5–20 pictures, saved in the pack's format and applied to MODEL and CLIP."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from comfy_api.latest import io, ui
+
+from ..samplers.edlora.model import EDLoRAApplyError, apply_edlora
+from ..training.captions import PLACEHOLDER, CaptionError, prepare_captions
+from ..training.dataset import DatasetError
+from ..training.edlora_file import EDLoRAFileError, write_edlora_safetensors
+from ..training.edlora_trainer import ORTHOGONAL_MODES, EDLoRATrainer, TrainingError, TrainSettings
+from ..training.loop import train
+from ..training.plots import loss_curve_image
+from ..training.state import STATE_SUFFIX, StateError
+from .common import CATEGORY_EDLORA, ConceptStackType, EDLoRAConceptType, NodeError, checked_inputs
+from .validation import check_output_name, plain_name_problem
+
+log = logging.getLogger("multiconcept")
+
+NAME = "Train ED-LoRA"
+STATES_FOLDER = "edlora_training"  # under ComfyUI's output folder: resumable states, not models
+NO_RESUME = "none"
+
+
+def states_dir() -> str:
+    import folder_paths
+
+    return os.path.join(folder_paths.get_output_directory(), STATES_FOLDER)
+
+
+def list_states() -> list[str]:
+    d = states_dir()
+    try:
+        return sorted(f for f in os.listdir(d) if f.endswith(STATE_SUFFIX))
+    except OSError:
+        return []
+
+
+def free_path(folder: str, stem: str, suffix: str, keep: str | None = None) -> str:
+    """``folder/stem+suffix``, or ``stem_2``, ``stem_3``... — never a file that exists (unless it is ``keep``)."""
+    candidate, n = os.path.join(folder, stem + suffix), 2
+    while os.path.exists(candidate) and os.path.abspath(candidate) != (os.path.abspath(keep) if keep else None):
+        candidate = os.path.join(folder, f"{stem}_{n}{suffix}")
+        n += 1
+    return candidate
+
+
+def loras_dir() -> str:
+    import folder_paths
+
+    return folder_paths.get_folder_paths("loras")[0]
+
+
+class TrainEDLoRA(io.ComfyNode):
+    NAME = NAME
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MultiConceptTrainEDLoRA",
+            display_name=NAME,
+            category=CATEGORY_EDLORA,
+            description=(
+                "Learns a concept (a person, pet, object) from 5–20 pictures as an ED-LoRA: layer-wise token "
+                "embeddings for its words plus LoRA on the text encoder and the UNet's attention, as Mix-of-Show "
+                "trains them. Saves it under models/loras (never over an existing file) and outputs MODEL and CLIP "
+                "with it applied, the concept for a concept stack, and the loss curve. Cancel the prompt to stop: "
+                "the run is saved and can be resumed."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5-family checkpoint's MODEL to train the concept for."),
+                io.Clip.Input("clip", tooltip="The same checkpoint's CLIP."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE: encodes the pictures once, before training."),
+                io.Image.Input(
+                    "images",
+                    tooltip="The training pictures (a batch). Each is scaled so its shorter side is the resolution "
+                    "and centre-cropped square; keep the subject near the middle.",
+                ),
+                io.String.Input(
+                    "captions",
+                    multiline=True,
+                    default=f"a photo of {PLACEHOLDER}",
+                    tooltip=f"One line per picture, in order (or one line for all). {PLACEHOLDER} stands for the "
+                    "concept words. Describe everything that is NOT the subject (background, other things, pose) so "
+                    f"it does not leak into the concept: 'a photo of {PLACEHOLDER} on a red sofa by a window'.",
+                ),
+                io.String.Input(
+                    "concept_words",
+                    default="<concept1> <concept2>",
+                    tooltip="The new words that will name the concept in prompts, e.g. <cat1> <cat2> (two words, "
+                    "as Mix-of-Show). The last starts from the class word, the others from noise.",
+                ),
+                io.String.Input(
+                    "class_word",
+                    default="",
+                    tooltip="What the concept is, in one common word: man, woman, dog, cat, chair. Starts the "
+                    "concept's last word and lets methods write class-only prompts.",
+                ),
+                io.String.Input(
+                    "output_name",
+                    default="my_concept",
+                    tooltip="File name under models/loras (.safetensors is added). If it exists, _2, _3... is "
+                    "appended: nothing is overwritten.",
+                ),
+                io.Int.Input(
+                    "steps", default=800, min=1, max=100_000, tooltip="Optimiser steps (Mix-of-Show: 800–1000)."
+                ),
+                io.Float.Input(
+                    "lr_embedding",
+                    default=1e-3,
+                    min=0.0,
+                    max=1.0,
+                    step=1e-5,
+                    tooltip="Learning rate of the concept's token embeddings (Mix-of-Show: 1e-3). Must be above 0.",
+                ),  # fmt: skip
+                io.Float.Input(
+                    "lr_text",
+                    default=1e-5,
+                    min=0.0,
+                    max=1.0,
+                    step=1e-6,
+                    tooltip="Learning rate of the text-encoder LoRA (Mix-of-Show: 1e-5). 0 trains and saves none.",
+                ),  # fmt: skip
+                io.Float.Input(
+                    "lr_unet",
+                    default=1e-4,
+                    min=0.0,
+                    max=1.0,
+                    step=1e-5,
+                    tooltip="Learning rate of the UNet attention LoRA (Mix-of-Show: 1e-4). 0 trains and saves none.",
+                ),  # fmt: skip
+                io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank (Mix-of-Show: 4)."),
+                io.Int.Input("batch_size", default=2, min=1, max=64, tooltip="Pictures per step."),
+                io.Int.Input(
+                    "resolution",
+                    default=512,
+                    min=64,
+                    max=2048,
+                    step=64,
+                    tooltip="Training size in pixels (square). 512 for SD1.5.",
+                ),  # fmt: skip
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=False,
+                    tooltip="Seeds the initial weights and every step's noise: same seed, same result.",
+                ),  # fmt: skip
+                io.Mask.Input(
+                    "masks",
+                    optional=True,
+                    tooltip="Optional subject masks, one per picture (e.g. from the SAM Masks node): the loss counts "
+                    "only the subject, so backgrounds are not learned.",
+                ),  # fmt: skip
+                io.Boolean.Input(
+                    "masked_loss",
+                    default=True,
+                    optional=True,
+                    tooltip="With masks: average the loss inside the subject only.",
+                ),  # fmt: skip
+                io.Float.Input(
+                    "attention_weight",
+                    default=0.0,
+                    min=0.0,
+                    max=10.0,
+                    step=0.001,
+                    optional=True,
+                    tooltip="With masks: weight of the attention regulariser that keeps the concept words' "
+                    "cross-attention inside the subject (0.01 is a good start; 0 = off).",
+                ),  # fmt: skip
+                io.Combo.Input(
+                    "orthogonal",
+                    options=list(ORTHOGONAL_MODES),
+                    default="off",
+                    optional=True,
+                    tooltip="Keep this concept's UNet LoRA out of the way of the concepts in 'orthogonal_to': "
+                    "'penalty' penalises overlap of their input subspaces; 'frozen basis' fixes this concept's "
+                    "LoRA inputs to directions no earlier concept uses, so the LoRAs can simply be added.",
+                ),  # fmt: skip
+                ConceptStackType.Input(
+                    "orthogonal_to",
+                    optional=True,
+                    tooltip="Existing ED-LoRA concepts to keep orthogonal to (a concept stack).",
+                ),  # fmt: skip
+                io.Float.Input(
+                    "orthogonality_weight",
+                    default=1e-3,
+                    min=0.0,
+                    max=100.0,
+                    step=1e-4,
+                    optional=True,
+                    tooltip="Weight of the orthogonality penalty (orthogonal = penalty).",
+                ),  # fmt: skip
+                io.Float.Input(
+                    "norm_cap",
+                    default=0.55,
+                    min=0.0,
+                    max=10.0,
+                    step=0.01,
+                    optional=True,
+                    tooltip="After each step, token embeddings longer than this are scaled back to it (Mix-of-Show: "
+                    "0.55; CLIP's own tokens are about 0.4). 0 = no cap.",
+                ),  # fmt: skip
+                io.Int.Input(
+                    "preview_every",
+                    default=0,
+                    min=0,
+                    max=100_000,
+                    optional=True,
+                    tooltip="Show a sample of the preview prompt on the node every this many steps (0 = never). "
+                    "Each preview costs about 16 sampling steps.",
+                ),  # fmt: skip
+                io.String.Input(
+                    "preview_prompt",
+                    default=f"a photo of {PLACEHOLDER}",
+                    optional=True,
+                    tooltip=f"The prompt of the previews; {PLACEHOLDER} = the concept words.",
+                ),  # fmt: skip
+                io.Combo.Input(
+                    "resume",
+                    options=[NO_RESUME] + list_states(),
+                    default=NO_RESUME,
+                    optional=True,
+                    tooltip=f"Continue a cancelled or finished run from its state (output/{STATES_FOLDER}). Use the "
+                    "same pictures, model and settings; raise 'steps' to train a finished run further.",
+                ),  # fmt: skip
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The MODEL with the trained concept applied."),
+                io.Clip.Output(display_name="CLIP", tooltip="The CLIP that understands the concept words."),
+                EDLoRAConceptType.Output(
+                    display_name="concept", tooltip="The trained concept: connect to Concept Stack: Loaded ED-LoRA."
+                ),
+                io.Image.Output(display_name="loss curve", tooltip="The loss per step and its moving average."),
+                io.String.Output(display_name="words", tooltip="What to type in prompts for the concept."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    @checked_inputs(NAME)
+    def execute(cls, model, clip, vae, images, captions, concept_words, class_word, output_name, steps, lr_embedding,
+                lr_text, lr_unet, rank, batch_size, resolution, seed, masks=None, masked_loss=True,
+                attention_weight=0.0, orthogonal="off", orthogonal_to=None, orthogonality_weight=1e-3, norm_cap=0.55,
+                preview_every=0, preview_prompt=f"a photo of {PLACEHOLDER}", resume=NO_RESUME) -> io.NodeOutput:  # fmt: skip
+        import comfy.model_management
+        import comfy.utils
+
+        stem = check_output_name(NAME, "output_name", output_name)
+        if stem.lower().endswith(".safetensors"):
+            stem = stem[: -len(".safetensors")]
+        words = tuple(concept_words.split())
+        n_images = int(images.shape[0]) if hasattr(images, "shape") and images.ndim == 4 else 0
+        try:
+            prepared = prepare_captions(captions, n_images, " ".join(words))
+        except CaptionError as e:
+            raise NodeError(NAME, str(e)) from None
+        for w in prepared.warnings:
+            log.warning("[multi-concept] %s: %s", NAME, w)
+        if orthogonal != "off" and not orthogonal_to:
+            raise NodeError(NAME, f"orthogonal is '{orthogonal}' but nothing is connected to orthogonal_to: connect a "
+                            "concept stack of the ED-LoRAs to keep apart from, or set orthogonal to off.")  # fmt: skip
+        existing = tuple(c.adapter for c in (orthogonal_to or ()) if c.kind == "edlora")
+        settings = TrainSettings(
+            concept_words=words, class_word=class_word.strip(), steps=steps, lr_embedding=lr_embedding,
+            lr_text=lr_text, lr_unet=lr_unet, rank=rank, batch_size=batch_size, seed=seed, resolution=resolution,
+            masked_loss=masked_loss, attention_weight=attention_weight, orthogonal=orthogonal,
+            orthogonality_weight=orthogonality_weight, norm_cap=norm_cap,
+        )  # fmt: skip
+        resume_path = None
+        if resume and resume != NO_RESUME:
+            problem = plain_name_problem(resume, allow_subfolders=False)
+            resume_path = os.path.join(states_dir(), resume) if not problem else None
+            if resume_path is None or not os.path.isfile(resume_path):
+                raise NodeError(
+                    NAME, f"resume state {resume!r} is not in output/{STATES_FOLDER}; pick one from the list."
+                )
+        try:
+            trainer = EDLoRATrainer(model, clip, vae, images, list(prepared.texts), settings, masks, existing)
+        except (TrainingError, DatasetError, EDLoRAApplyError) as e:
+            raise NodeError(NAME, str(e)) from None
+
+        os.makedirs(states_dir(), exist_ok=True)
+        state_path = resume_path or free_path(states_dir(), stem, STATE_SUFFIX)
+        bar = comfy.utils.ProgressBar(steps)
+        node_id = _node_id()
+
+        def report(step, loss, parts):
+            bar.update_absolute(step, steps)
+            _progress_text(node_id, f"step {step}/{steps}  loss {loss:.4f}")
+
+        def preview(step):
+            img = trainer.preview(preview_prompt, seed)
+            bar.update_absolute(step, steps, ("JPEG", _pil(img[0]), 512))
+
+        try:
+            result = train(trainer, state_path=state_path, resume=resume_path, report=report,
+                           cancelled=comfy.model_management.processing_interrupted, preview=preview,
+                           preview_every=preview_every)  # fmt: skip
+        except (TrainingError, StateError) as e:
+            raise NodeError(NAME, str(e)) from None
+        state_name = os.path.basename(result.state_path) if result.state_path else ""
+        if result.status == "cancelled":
+            log.warning("[multi-concept] %s: %s; resume from %s", NAME, result.message, state_name)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            raise NodeError(NAME, f"{result.message}; resume from {state_name}")
+        if result.status == "nan":
+            raise NodeError(NAME, f"{result.message} The state was saved as output/{STATES_FOLDER}/{state_name}.")
+
+        weights = trainer.weights()
+        target = free_path(loras_dir(), stem, ".safetensors")
+        try:
+            write_edlora_safetensors(weights, target)
+        except (EDLoRAFileError, OSError) as e:
+            raise NodeError(NAME, f"could not save {target}: {e}") from None
+        file_name = os.path.basename(target)
+        try:
+            new_model, new_clip, concept = apply_edlora(model, clip, weights, file_name, 1.0, 1.0,
+                                                        class_word=settings.class_word)  # fmt: skip
+        except EDLoRAApplyError as e:
+            raise NodeError(NAME, str(e)) from None
+        renamed = "" if file_name == stem + ".safetensors" else f" ({stem}.safetensors exists, so a new name was used)"
+        lines = [f"Saved models/loras/{file_name}{renamed}", f"words: {concept.prompt_words}",
+                 f"resume state: output/{STATES_FOLDER}/{state_name}", f"final loss {result.losses[-1]:.4f}"
+                 if result.losses else "no steps run"] + list(prepared.warnings)  # fmt: skip
+        curve = loss_curve_image(result.losses, title=f"{NAME}: {concept.prompt_words} ({settings.class_word})")
+        return io.NodeOutput(
+            new_model, new_clip, concept, curve, concept.prompt_words, ui=ui.PreviewText("\n".join(lines))
+        )
+
+
+def _node_id():
+    try:
+        from comfy_execution.utils import get_executing_context
+
+        ctx = get_executing_context()
+        return ctx.node_id if ctx is not None else None
+    except Exception:  # noqa: BLE001 - progress text is a nicety
+        return None
+
+
+def _progress_text(node_id, text: str) -> None:
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:  # noqa: BLE001 - no server (tests, CLI): nothing to show it on
+        pass
+
+
+def _pil(image):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((image.detach().cpu().float().clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+
+
+__all__ = ["TrainEDLoRA"]

@@ -1,0 +1,338 @@
+"""ED-LoRA training on the real test checkpoint: the loss goes down, only the concept's own parameters move,
+the saved file reproduces the trained model through the loader and the concept stack, interrupt + resume is
+exact, NaN keeps the last good state, plain sampling is untouched afterwards, bad input is refused."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import pytest
+import torch
+
+from tests.support.tensors import changed_keys, state_dict_copy
+
+RES = 64
+WORDS = ("<tcat1>", "<tcat2>")
+CAPTIONS = ["a photo of <tcat1> <tcat2> on a red rug", "a photo of <tcat1> <tcat2> by a window"]
+NODE = "MultiConceptTrainEDLoRA"
+
+
+@pytest.fixture(scope="module")
+def base(comfy, tiny_checkpoint):
+    import nodes
+
+    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[:3]
+    return model, clip, vae
+
+
+@pytest.fixture(scope="module")
+def tr(comfy):
+    return {
+        "trainer": comfy.pack_module("training.edlora_trainer"),
+        "loop": comfy.pack_module("training.loop"),
+        "state": comfy.pack_module("training.state"),
+        "file": comfy.pack_module("training.edlora_file"),
+    }
+
+
+def pictures(n=2, size=RES, seed=0):
+    """Synthetic training pictures: a bright blob (the 'subject') on a textured background."""
+    g = torch.Generator().manual_seed(seed)
+    imgs = 0.3 + 0.1 * torch.rand(n, size, size, 3, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    masks = torch.zeros(n, size, size)
+    for i in range(n):
+        cy, cx = size * (0.4 + 0.2 * i), size * 0.5
+        blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < (size * 0.25) ** 2
+        imgs[i][blob] = torch.tensor([0.9, 0.6, 0.2])
+        masks[i] = blob.float()
+    return imgs, masks
+
+
+def settings(tr, **kw):
+    args = dict(concept_words=WORDS, class_word="cat", steps=6, lr_embedding=5e-3, lr_text=1e-4, lr_unet=1e-3,
+                rank=4, batch_size=1, seed=7, resolution=RES)  # fmt: skip
+    args.update(kw)
+    return tr["trainer"].TrainSettings(**args)
+
+
+def make(tr, base, masks=None, **kw):
+    model, clip, vae = base
+    imgs, _ = pictures()
+    return tr["trainer"].EDLoRATrainer(model, clip, vae, imgs, CAPTIONS, settings(tr, **kw), masks)
+
+
+def probe_loss(trainer, steps=(0, 1, 2)):
+    """The loss on the draws of the given steps (pictures, timesteps, noise), without gradients."""
+    with torch.no_grad():
+        return sum(float(trainer.loss(k)[0]) for k in steps) / len(steps)
+
+
+def weights_of(patcher):
+    return state_dict_copy(patcher.model)
+
+
+def has_range(t):
+    return bool(torch.isfinite(t).all()) and float(t.max() - t.min()) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ learning
+
+
+def test_short_run_lowers_the_loss_and_moves_only_the_concept(tr, base):
+    model, clip, _ = base
+    unet_before, clip_before = weights_of(model), weights_of(clip.patcher)
+    flags = [p.requires_grad for p in model.model.parameters()]
+    trainer = make(tr, base, steps=3, batch_size=2, lr_unet=3e-3, lr_embedding=1e-2)
+    initial = {k: v.detach().clone() for k, v in trainer.params.flat().items()}
+    trainer.load()
+    before = probe_loss(trainer)
+    result = tr["loop"].train(trainer, save_states=False)
+    after = probe_loss(trainer)
+    assert result.status == "done" and len(result.losses) == 3
+    assert after < before, (before, after)
+    # the concept's parameters moved: embeddings, and the LoRA up matrices (zero at the start)
+    flat = trainer.params.flat()
+    for w in WORDS:
+        assert not torch.equal(flat[f"embedding.{w}"], initial[f"embedding.{w}"])
+    # (at 64² the middle block is 1×1: its self-attention has one key, so its query/key LoRA gets no gradient)
+    ups = [k for k in flat if k.endswith(".up") and not re.search(r"mid_block.*attn1\.to_[qk]", k)]
+    assert ups and not [k for k in ups if float(flat[k].detach().abs().max()) == 0]
+    assert any(k.startswith("text.") for k in ups) and any(k.startswith("unet.") for k in ups)
+    # ...and nothing else did: the checkpoint's UNet and text encoder are bit-identical
+    assert changed_keys(unet_before, weights_of(model)) == []
+    assert changed_keys(clip_before, weights_of(clip.patcher)) == []
+    # no gradient reached a model weight, and the weights' requires_grad flags are as they were
+    for module in (model.model, clip.patcher.model):
+        assert all(p.grad is None for p in module.parameters())
+    assert flags == [p.requires_grad for p in model.model.parameters()]
+
+
+def test_norm_cap_and_frozen_parts(tr, base):
+    trainer = make(tr, base, steps=1, lr_embedding=0.5, norm_cap=0.3, lr_text=0.0)
+    tr["loop"].train(trainer, save_states=False)
+    for w in WORDS:
+        assert float(trainer.params.embedding(w).norm(dim=-1).max()) <= 0.3 + 1e-5
+    assert all(float(lora.up.abs().max()) == 0 for _m, lora in trainer.params.text_items())  # lr 0: untouched
+    weights = trainer.weights()
+    assert weights.text_encoder_lora == {} and weights.unet_lora
+
+
+def test_attention_regulariser_runs_on_the_low_resolution_layers(tr, base):
+    _, masks = pictures()
+    trainer = make(tr, base, masks=masks, attention_weight=0.05, steps=1)
+    assert len(trainer.probe_layers) == 5  # SD1.5: input 7, 8 and output 3, 4, 5 (a quarter of the latent)
+    trainer.load()
+    with torch.inference_mode(False), torch.enable_grad():
+        loss, parts = trainer.loss(0)
+    assert "attention" in parts and 0.0 <= parts["attention"] <= 1.0
+    assert math.isfinite(parts["denoise"]) and float(loss) >= parts["denoise"]
+
+
+def test_orthogonality_penalty_and_frozen_basis(tr, base):
+    first = make(tr, base, steps=1)
+    tr["loop"].train(first, save_states=False)
+    earlier = first.weights()
+    model, clip, vae = base
+    imgs, _ = pictures()
+    T = tr["trainer"]
+    pen = T.EDLoRATrainer(model, clip, vae, imgs, CAPTIONS, settings(tr, orthogonal="penalty"), None, (earlier,))
+    pen.load()
+    with torch.inference_mode(False), torch.enable_grad():
+        _, parts = pen.loss(0)
+    assert parts["orthogonality"] > 0
+    frozen = T.EDLoRATrainer(
+        model, clip, vae, imgs, CAPTIONS, settings(tr, orthogonal="frozen basis"), None, (earlier,)
+    )
+    for module, lora in frozen.params.unet_items():
+        old = earlier.unet_lora[module].down.float()
+        assert not lora.down.requires_grad
+        assert float((lora.down @ old.T).abs().max()) < 1e-3 * float(lora.down.norm() * old.norm())
+
+
+# ------------------------------------------------------------------------------ saving and reloading
+
+
+def _sample(model, clip, text, seed=5, steps=3):
+    import comfy.sample
+
+    import nodes
+
+    pos = nodes.CLIPTextEncode().encode(clip, text)[0]
+    neg = nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = torch.zeros(1, 4, RES // 8, RES // 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(
+        model, noise, steps, 4.0, "euler", "normal", pos, neg, latent, disable_pbar=True, seed=seed
+    )
+
+
+def test_node_saves_a_file_the_loader_and_the_stack_reproduce(comfy, tr, base):
+    model, clip, vae = base
+    imgs, masks = pictures()
+    node = comfy.node_class(NODE)
+    out = node.execute(model, clip, vae, imgs, "\n".join(c.replace("<tcat1> <tcat2>", "<TOK>") for c in CAPTIONS),
+                       "<tcat1> <tcat2>", "cat", "trained_cat", 2, 5e-3, 1e-4, 1e-3, 4, 2, RES, 3, masks=masks)  # fmt: skip
+    new_model, new_clip, concept, curve, words = out.result
+    assert words == "<tcat1> <tcat2>" and concept.class_word == "cat"
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3 and has_range(curve)
+    path = comfy.models_dir / "loras" / "trained_cat.safetensors"
+    assert path.is_file()
+    weights = tr["file"].read_edlora(path)
+    assert weights.words == ("<tcat1>", "<tcat2>") and weights.class_word == "cat" and weights.layer_tokens == 16
+    assert weights.base_model == "sd15" and weights.unet_lora and weights.text_encoder_lora["text_encoder"]
+
+    # the same file through the ED-LoRA Loader samples exactly what the node's outputs sample
+    loader = comfy.node_class("MultiConceptEDLoRALoader")
+    l_model, l_clip = loader.execute(model, clip, "trained_cat.safetensors", 1.0, 1.0).result[:2]
+    prompt = "a photo of <tcat1> <tcat2> on a sofa"
+    a = _sample(new_model, new_clip, prompt)
+    b = _sample(l_model, l_clip, prompt)
+    plain = _sample(model, clip, "a photo of a cat on a sofa")
+    assert has_range(a) and has_range(plain)
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    assert float((a - plain).abs().mean()) > 1e-3  # the concept does something
+
+    # and it joins a concept stack by file name
+    stack = comfy.node_class("MultiConceptStackEDLoRA").execute("trained_cat.safetensors", 1.0, 1.0, "cat").result[0]
+    assert stack[0].words == ("<tcat1>", "<tcat2>") and stack[0].class_word == "cat"
+
+    # a second run with the same name never overwrites: it gets a new name
+    before = path.read_bytes()
+    node.execute(model, clip, vae, imgs, "a photo of <TOK>", "<tcat1> <tcat2>", "cat", "trained_cat", 1, 5e-3, 0.0,
+                 0.0, 4, 1, RES, 3)  # fmt: skip
+    assert path.read_bytes() == before
+    assert (comfy.models_dir / "loras" / "trained_cat_2.safetensors").is_file()
+
+
+def test_trained_concept_matches_the_trainer_forward_and_plain_sampling_is_untouched(comfy, tr, base):
+    """What the trainer optimised is what the saved file gives (its own forward vs the loader's), and plain
+    sampling afterwards is bit-identical to plain sampling before."""
+    model, clip, _ = base
+    before = _sample(model, clip, "a photo of a cat on a sofa", seed=11)
+    trainer = make(tr, base, steps=1)
+    tr["loop"].train(trainer, save_states=False)
+    trainer.preview("a photo of <TOK>", seed=1, steps=2)
+    T = trainer.weights()
+    apply_edlora = comfy.pack_module("samplers.edlora.model").apply_edlora
+    l_model, l_clip, _ = apply_edlora(model, clip, T, "mem", 1.0, 1.0)
+    prompt = "a photo of <tcat1> <tcat2> on a sofa"
+    a = _sample(trainer.model, trainer.clip, prompt)
+    b = _sample(l_model, l_clip, prompt)
+    assert has_range(a)
+    # the loader merges the LoRA into the fp16-stored test weights, the trainer adds it in float32: equal to
+    # the stored precision, and far from the plain model
+    plain = _sample(model, clip, "a photo of a cat on a sofa")
+    assert float((a - b).abs().max()) < 2e-3 * float(a.abs().max())
+    assert float((a - b).abs().max()) < 0.05 * float((a - plain).abs().max())
+    after = _sample(model, clip, "a photo of a cat on a sofa", seed=11)
+    assert has_range(before) and torch.equal(before, after)
+
+
+# ------------------------------------------------------------------------------ interrupt and resume
+
+
+def test_node_cancel_saves_a_state_and_resume_finishes_the_run(comfy, base):
+    import comfy.model_management as mm
+
+    model, clip, vae = base
+    imgs, _ = pictures()
+    node = comfy.node_class(NODE)
+    args = dict(model=model, clip=clip, vae=vae, images=imgs, captions="a photo of <TOK>",
+                concept_words="<ccat1> <ccat2>", class_word="cat", output_name="cancelled_cat", steps=2,
+                lr_embedding=1e-3, lr_text=1e-5, lr_unet=1e-4, rank=4, batch_size=1, resolution=RES, seed=0)  # fmt: skip
+    mm.interrupt_current_processing(True)  # what the UI's Cancel does
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            node.execute(**args)
+    finally:
+        mm.interrupt_current_processing(False)
+    states = comfy.output_dir / "edlora_training"
+    assert (states / "cancelled_cat.state.safetensors").is_file()
+    assert not (comfy.models_dir / "loras" / "cancelled_cat.safetensors").exists()
+    out = node.execute(**args, resume="cancelled_cat.state.safetensors")
+    assert out.result[4] == "<ccat1> <ccat2>"
+    assert (comfy.models_dir / "loras" / "cancelled_cat.safetensors").is_file()
+
+
+def test_interrupt_and_resume_equals_an_uninterrupted_run(tr, base, tmp_path):
+    whole = make(tr, base, steps=4, batch_size=1)
+    tr["loop"].train(whole, save_states=False)
+
+    first = make(tr, base, steps=4, batch_size=1)
+    state = str(tmp_path / "run.state.safetensors")
+    seen: list[float] = []
+    stopped = tr["loop"].train(first, state_path=state, cancelled=lambda: len(seen) >= 2,
+                               report=lambda s, v, p: seen.append(v))  # fmt: skip
+    assert stopped.status == "cancelled" and stopped.step == 2 and os.path.isfile(state)
+
+    second = make(tr, base, steps=4, batch_size=1)
+    done = tr["loop"].train(second, state_path=state, resume=state)
+    assert done.status == "done" and len(done.losses) == 4
+    a, b = whole.params.flat(), second.params.flat()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nan_loss_keeps_the_last_good_state(tr, base, tmp_path):
+    trainer = make(tr, base, steps=3)
+    state = str(tmp_path / "nan.state.safetensors")
+    kept = {}
+
+    def step_loss(k):
+        loss, parts = trainer.loss(k)
+        if k == 2:
+            kept.update({n: v.detach().clone() for n, v in trainer.params.flat().items()})
+            return loss * float("nan"), parts
+        return loss, parts
+
+    result = tr["loop"].train(trainer, state_path=state, step_loss=step_loss)
+    assert result.status == "nan" and result.step == 2 and "NaN" in result.message
+    for n, v in trainer.params.flat().items():
+        assert torch.equal(v, kept[n]), n
+    saved = tr["state"].load_state(state, trainer.identity)
+    assert saved["step"] == 2
+
+
+def test_resume_state_of_another_concept_is_refused(tr, base, tmp_path):
+    trainer = make(tr, base, steps=1)
+    state = str(tmp_path / "a.state.safetensors")
+    tr["loop"].train(trainer, state_path=state)
+    other = make(tr, base, steps=3, concept_words=("<dog1>", "<dog2>"), class_word="dog")
+    with pytest.raises(tr["state"].StateError, match="another training run"):
+        tr["loop"].train(other, resume=state)
+    more = make(tr, base, steps=1)
+    with pytest.raises(tr["state"].StateError, match="raise 'steps'"):
+        tr["loop"].train(more, resume=state)
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (dict(captions="one\ntwo\nthree"), "3 caption lines for 2 images"),
+        (dict(captions="<TOK> " + "a very long caption " * 40), "caption 1 is longer than the text encoder"),
+        (dict(images=torch.rand(2, 16, 16, 3)), "too small to train"),
+        (dict(images=torch.zeros(0, 64, 64, 3)), "no images"),
+        (dict(lr_embedding=0.0), "embedding learning rate is 0"),
+        (dict(class_word=" "), "class word is empty"),
+        (dict(concept_words=""), "concept words are empty"),
+        (dict(output_name="../evil"), "output_name"),
+        (dict(orthogonal="penalty"), "nothing is connected to orthogonal_to"),
+        (dict(resume="missing.state.safetensors"), "is not in output"),
+    ],
+)
+def test_bad_input_is_refused_by_name(comfy, base, change, match):
+    model, clip, vae = base
+    imgs, _ = pictures()
+    args = dict(model=model, clip=clip, vae=vae, images=imgs, captions="a photo of <TOK>",
+                concept_words="<bcat1> <bcat2>", class_word="cat", output_name="bad_one", steps=1, lr_embedding=1e-3,
+                lr_text=1e-5, lr_unet=1e-4, rank=4, batch_size=1, resolution=RES, seed=0)  # fmt: skip
+    args.update(change)
+    with pytest.raises(ValueError, match=f"^Train ED-LoRA: .*{match}"):
+        comfy.node_class(NODE).execute(**args)
+    assert not (comfy.models_dir / "loras" / "bad_one.safetensors").exists()

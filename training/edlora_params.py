@@ -1,0 +1,167 @@
+"""The trainable parts of an ED-LoRA, as torch modules (pure torch; no ComfyUI).
+
+* :class:`LoRADelta` — one low-rank update ``W + up @ down`` for one linear weight; ComfyUI calls it as a
+  weight wrapper (``weight -> weight + up @ down``), so gradients reach ``up`` and ``down`` through the stock
+  forward.
+* :class:`EDLoRAParameters` — the concept's layer-wise token embeddings plus its text-encoder and UNet LoRA,
+  with Mix-of-Show's initialisation, the optimiser's parameter groups, a flat name -> tensor view (for
+  resume states and the distributed gradient average) and the conversion to the file format.
+
+Initialisation (Mix-of-Show): LoRA ``down ~ N(0, 1/rank)``, ``up = 0`` (so training starts from the base
+model exactly); the last concept word starts as the class word's embedding in every layer, the others as
+``N(0, 0.013²)`` (about a real token's norm), so the class word anchors the concept while the other words
+learn what sets it apart.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .edlora_file import EDLoRAWeights, LoRAPair
+
+RANDOM_WORD_STD = 0.013
+
+
+class LoRADelta(torch.nn.Module):
+    """``weight -> weight + up @ down`` for a ``[out, in]`` weight (alpha 1 while training)."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, generator: torch.Generator,
+                 frozen_down: torch.Tensor | None = None):  # fmt: skip
+        super().__init__()
+        if frozen_down is not None:
+            self.register_buffer("down", frozen_down.float().clone())
+        else:
+            self.down = torch.nn.Parameter(torch.randn(rank, in_features, generator=generator) / rank)
+        self.up = torch.nn.Parameter(torch.zeros(out_features, rank))
+
+    def delta(self) -> torch.Tensor:
+        return self.up @ self.down
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta().to(device=weight.device, dtype=weight.dtype)
+
+    # ComfyUI's ModelPatcher moves weight wrappers with the model and counts their memory.
+    def move_to(self, device=None) -> int:
+        if device is not None:
+            self.to(device=device)
+        return sum(t.numel() * t.element_size() for t in (self.up, self.down))
+
+
+class EDLoRAParameters(torch.nn.Module):
+    """Everything one ED-LoRA training run learns.
+
+    ``embeddings[word]`` ``[L, width]`` (row ``i`` = the token cross-attention layer ``i`` reads);
+    ``text_lora[module]`` / ``unet_lora[module]`` keyed by diffusers module names, as in the file.
+    """
+
+    def __init__(self, words: tuple[str, ...], init_embeddings: dict[str, torch.Tensor],
+                 text_shapes: dict[str, tuple[int, int]], unet_shapes: dict[str, tuple[int, int]], rank: int,
+                 generator: torch.Generator, frozen_downs: dict[str, torch.Tensor] | None = None):  # fmt: skip
+        super().__init__()
+        self.words = tuple(words)
+        self.rank = int(rank)
+        self.embeddings = torch.nn.ParameterDict(
+            {_key(w): torch.nn.Parameter(init_embeddings[w].float().clone()) for w in self.words}
+        )
+        frozen_downs = frozen_downs or {}
+        self.text_lora = torch.nn.ModuleDict(
+            {_key(m): LoRADelta(o, i, rank, generator) for m, (o, i) in sorted(text_shapes.items())}
+        )
+        self.unet_lora = torch.nn.ModuleDict(
+            {
+                _key(m): LoRADelta(o, i, rank, generator, frozen_downs.get(m))
+                for m, (o, i) in sorted(unet_shapes.items())
+            }
+        )
+        self._text_modules = {_key(m): m for m in text_shapes}
+        self._unet_modules = {_key(m): m for m in unet_shapes}
+
+    # --- views --------------------------------------------------------------------------------
+
+    def embedding(self, word: str) -> torch.nn.Parameter:
+        return self.embeddings[_key(word)]
+
+    def text_items(self):
+        return [(self._text_modules[k], v) for k, v in self.text_lora.items()]
+
+    def unet_items(self):
+        return [(self._unet_modules[k], v) for k, v in self.unet_lora.items()]
+
+    def param_groups(self, lr_embedding: float, lr_text: float, lr_unet: float, weight_decay: float = 0.01):
+        """AdamW groups: embeddings (no decay: the norm cap bounds them), text LoRA, UNet LoRA. A part with
+        learning rate 0 is left out (it stays at its initial value: no update)."""
+        groups = []
+        if lr_embedding > 0:
+            groups.append({"params": list(self.embeddings.values()), "lr": lr_embedding, "weight_decay": 0.0})
+        text = [p for p in self.text_lora.parameters() if p.requires_grad]
+        if lr_text > 0 and text:
+            groups.append({"params": text, "lr": lr_text, "weight_decay": weight_decay})
+        unet = [p for p in self.unet_lora.parameters() if p.requires_grad]
+        if lr_unet > 0 and unet:
+            groups.append({"params": unet, "lr": lr_unet, "weight_decay": weight_decay})
+        return groups
+
+    def flat(self) -> dict[str, torch.Tensor]:
+        """Every tensor (trainable or frozen) by a stable name: ``embedding.<word>``, ``text.<module>.up`` ..."""
+        out = {f"embedding.{w}": self.embedding(w) for w in self.words}
+        for prefix, items in (("text", self.text_items()), ("unet", self.unet_items())):
+            for module, lora in items:
+                out[f"{prefix}.{module}.up"] = lora.up
+                out[f"{prefix}.{module}.down"] = lora.down
+        return out
+
+    @torch.no_grad()
+    def load_flat(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` (as from :meth:`flat`) into this module's tensors, in place; names must match."""
+        mine = self.flat()
+        if set(mine) != set(tensors):
+            missing = sorted(set(mine) ^ set(tensors))[:4]
+            raise ValueError(f"the saved tensors do not match this concept's parameters (e.g. {missing})")
+        for name, t in mine.items():
+            src = tensors[name]
+            if tuple(src.shape) != tuple(t.shape):
+                raise ValueError(f"{name}: saved shape {list(src.shape)} differs from {list(t.shape)}")
+            t.copy_(src.to(t))
+
+    def to_weights(self, class_word: str, base_model: str, clip_key: str = "l", text_group: str = "text_encoder",
+                   include_text: bool = True, include_unet: bool = True) -> EDLoRAWeights:  # fmt: skip
+        """The learned concept in the file format (detached float32 copies on the CPU)."""
+
+        def cpu(t):
+            return t.detach().float().cpu().contiguous().clone()
+
+        embeddings = {w: {clip_key: cpu(self.embedding(w))} for w in self.words}
+        text = (
+            {m: LoRAPair(up=cpu(lora.up), down=cpu(lora.down)) for m, lora in self.text_items()} if include_text else {}
+        )
+        unet = (
+            {m: LoRAPair(up=cpu(lora.up), down=cpu(lora.down)) for m, lora in self.unet_items()} if include_unet else {}
+        )
+        return EDLoRAWeights(
+            words=self.words,
+            embeddings=embeddings,
+            text_encoder_lora={text_group: text} if text else {},
+            unet_lora=unet,
+            base_model=base_model,
+            class_word=class_word,
+            source_format="safetensors",
+            metadata={},
+        )
+
+
+def _key(name: str) -> str:
+    """ModuleDict/ParameterDict keys may not contain dots; names here are module paths and concept words."""
+    return name.replace(".", "__")
+
+
+def initial_embeddings(words: tuple[str, ...], class_embedding: torch.Tensor, layers: int,
+                       generator: torch.Generator) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The last word = the class word's embedding in every layer; the others ``N(0, 0.013²)``."""
+    width = int(class_embedding.shape[-1])
+    out = {}
+    for i, w in enumerate(words):
+        if i == len(words) - 1:
+            out[w] = class_embedding.float().reshape(1, width).repeat(layers, 1)
+        else:
+            out[w] = torch.randn(layers, width, generator=generator) * RANDOM_WORD_STD
+    return out
