@@ -8,6 +8,7 @@ from typing_extensions import override
 from .concept_stack import ConceptStackEDLoRA, ConceptStackLoaded, ConceptStackLoRA
 from .edlora_convert import EDLoRAConvert
 from .edlora_loader import EDLoRALoader
+from .lora_composer import LoRAComposer, LoRAComposerAttention
 from .mixofshow_regional import MixOfShowRegional
 from .omg import OMG, OMGGuiderNode, OMGModelConcept, OMGStage1
 from .regional_lora import RegionalLoRA
@@ -26,6 +27,8 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     ConceptStackLoaded,
     RegionalLoRA,
     MixOfShowRegional,
+    LoRAComposer,
+    LoRAComposerAttention,
     OMG,
     OMGStage1,
     OMGGuiderNode,

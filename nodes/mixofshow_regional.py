@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from comfy_api.latest import io
@@ -128,46 +128,69 @@ class MixOfShowRegional(io.ComfyNode):
         adapters="scoped",
         region_weights="",
     ) -> io.NodeOutput:
-        stack = concepts if concepts is not None else ConceptStack()
-        if adapters not in ADAPTER_MODES:
-            raise NodeError(cls.NAME, f"adapters is {adapters!r}; choose one of {', '.join(ADAPTER_MODES)}.")
-        try:
-            weights = parse_region_weights(region_weights, regions)
-            plans = plan_regions(stack, regions, global_prompt, global_negative, weights)
-        except RegionalPlanError as e:
-            raise NodeError(cls.NAME, str(e)) from None
-        masks = regions.masks()
-        clone = model.clone()
-        try:
-            for concept in stack:  # SD1.5 vs SDXL: refused by name before anything is applied
-                if concept.kind == "edlora" and adapters != "already applied":
-                    check_compatible(model, clip, concept.adapter, concept.source)
-            kv_factors = _apply_unet_adapters(cls.NAME, clone, stack, plans, masks, adapters)
-            pos_side, neg_side, positive, negative = _encode_all(
-                clip, stack, plans, global_prompt, global_negative, adapters
-            )
-            install_regional_attention(clone, cls.NAME)
-        except (RegionalPlanError, RegionalSamplingError, ScopedLoRAError, EDLoRAApplyError) as e:
-            raise NodeError(cls.NAME, str(e)) from None
-        except (ValueError, RecursionError, IndexError, KeyError, TypeError) as e:  # the tokenizer on odd text
-            raise NodeError(
-                cls.NAME, f"the prompts could not be encoded ({type(e).__name__}: {str(e)[:200]}). Check the prompts."
-            ) from None
-        if any(LAYERWISE_KEY in d for _, d in positive):
-            add_layerwise_routing(clone)
-        layout = RegionalLayout(
-            node=cls.NAME,
-            width=regions.width,
-            height=regions.height,
-            masks=masks.float().cpu(),
-            weights=torch.tensor([p.weight for p in plans], dtype=torch.float32),
-            labels=tuple(p.label or f"box {p.index + 1}" for p in plans),
-            kv_factors=kv_factors,
+        built = build_regional(cls.NAME, model, clip, regions, global_prompt, global_negative, concepts, adapters,
+                               region_weights)  # fmt: skip
+        return io.NodeOutput(built.model, built.positive, built.negative, built.preview)
+
+
+@dataclass(frozen=True)
+class RegionalBuild:
+    """What the regional nodes share (Mix-of-Show, LoRA-Composer): the patched clone, the conditionings that
+    carry the regions, the preview, and per region its plan and the CLIP its prompt was encoded with."""
+
+    model: object
+    positive: list
+    negative: list
+    preview: torch.Tensor
+    plans: list
+    region_clips: list
+    layout: RegionalLayout
+    stack: ConceptStack
+
+
+def build_regional(node, model, clip, regions, global_prompt, global_negative, concepts=None, adapters="scoped",
+                   region_weights="") -> RegionalBuild:  # fmt: skip
+    """Mix-of-Show regional sampling on a clone of ``model``: adapters, encodings, the regional attention."""
+    stack = concepts if concepts is not None else ConceptStack()
+    if adapters not in ADAPTER_MODES:
+        raise NodeError(node, f"adapters is {adapters!r}; choose one of {', '.join(ADAPTER_MODES)}.")
+    try:
+        weights = parse_region_weights(region_weights, regions)
+        plans = plan_regions(stack, regions, global_prompt, global_negative, weights)
+    except RegionalPlanError as e:
+        raise NodeError(node, str(e)) from None
+    masks = regions.masks()
+    clone = model.clone()
+    try:
+        for concept in stack:  # SD1.5 vs SDXL: refused by name before anything is applied
+            if concept.kind == "edlora" and adapters != "already applied":
+                check_compatible(model, clip, concept.adapter, concept.source)
+        kv_factors = _apply_unet_adapters(node, clone, stack, plans, masks, adapters)
+        pos_side, neg_side, positive, negative, region_clips = _encode_all(
+            clip, stack, plans, global_prompt, global_negative, adapters
         )
-        positive = [[c, {**d, REGIONAL_KEY: RegionalSide(layout, pos_side)}] for c, d in positive]
-        negative = [[c, {**d, REGIONAL_KEY: RegionalSide(layout, neg_side)}] for c, d in negative]
-        preview = draw_regions(_labelled(regions, plans, stack))
-        return io.NodeOutput(clone, positive, negative, preview)
+        install_regional_attention(clone, node)
+    except (RegionalPlanError, RegionalSamplingError, ScopedLoRAError, EDLoRAApplyError) as e:
+        raise NodeError(node, str(e)) from None
+    except (ValueError, RecursionError, IndexError, KeyError, TypeError) as e:  # the tokenizer on odd text
+        raise NodeError(
+            node, f"the prompts could not be encoded ({type(e).__name__}: {str(e)[:200]}). Check the prompts."
+        ) from None
+    if any(LAYERWISE_KEY in d for _, d in positive):
+        add_layerwise_routing(clone)
+    layout = RegionalLayout(
+        node=node,
+        width=regions.width,
+        height=regions.height,
+        masks=masks.float().cpu(),
+        weights=torch.tensor([p.weight for p in plans], dtype=torch.float32),
+        labels=tuple(p.label or f"box {p.index + 1}" for p in plans),
+        kv_factors=kv_factors,
+    )
+    positive = [[c, {**d, REGIONAL_KEY: RegionalSide(layout, pos_side)}] for c, d in positive]
+    negative = [[c, {**d, REGIONAL_KEY: RegionalSide(layout, neg_side)}] for c, d in negative]
+    preview = draw_regions(_labelled(regions, plans, stack))
+    return RegionalBuild(clone, positive, negative, preview, plans, region_clips, layout, stack)
 
 
 def _apply_unet_adapters(node, clone, stack, plans, masks, mode) -> tuple[dict, ...]:
@@ -229,17 +252,18 @@ def _encode_all(clip, stack, plans, global_prompt, global_negative, mode):
     negative = encode(plain_clip, global_negative or "")
     negative_layers = layer_contexts(negative)
     clips: dict[tuple, object] = {}
-    pos_side, neg_side = [], []
+    pos_side, neg_side, region_clips = [], [], []
     for plan in plans:
         own = [stack[i] for i in plan.concepts]
         if plan.concepts not in clips:
             clips[plan.concepts] = concept_clip(clip, own, [] if known_ok else own, known_ok=known_ok)
         region_clip = clips[plan.concepts]
+        region_clips.append(region_clip)
         pos_side.append(layer_contexts(encode(region_clip, plan.prompt)))
         neg_side.append(
             layer_contexts(encode(region_clip, plan.negative)) if plan.negative.strip() else negative_layers
         )
-    return tuple(pos_side), tuple(neg_side), positive, negative
+    return tuple(pos_side), tuple(neg_side), positive, negative, region_clips
 
 
 def _labelled(regions, plans, stack):

@@ -27,6 +27,7 @@ from .regional_attention import LayerRegions, _repeat_to, layer_regions, regiona
 REGIONAL_KEY = "multiconcept_regional"  # conditioning dict entry: a RegionalSide
 RUN_KEY = "multiconcept_regional_run"  # transformer_options entry during a run: a RegionalRun
 WRAPPER_KEY = "multiconcept.mixofshow"
+REGION_PROBE_KEY = "multiconcept_region_probe"  # transformer_options: called with each layer's region keys
 SCOPED_SPEC_KEY = "multiconcept_scoped_lora"  # samplers.scoped_lora.runtime.SPEC_KEY (not imported: no cycle)
 
 _ATTN2 = re.compile(
@@ -223,6 +224,11 @@ class RegionalAttention:
                 )
             whole = len(chunks) == len(uuids)
             q_rows = q if whole else q.index_select(0, rows)
+            probe = extra_options.get(REGION_PROBE_KEY)
+            if probe is not None:  # e.g. LoRA-Composer's losses read the concept tokens' maps from here
+                kinds = list(extra_options.get("cond_or_uncond") or [])
+                chunk_kinds = [kinds[j] if j < len(kinds) else 0 for j in chunks]
+                probe(self.key, q_rows, region_k, chunk_kinds, per, layout, extra_options)
             base_rows = base if whole else base.index_select(0, rows)
             if self.inner is None:
                 blended = regional_attention(
@@ -311,6 +317,7 @@ def install_regional_attention(model_patcher, node: str) -> None:
 
 __all__ = [
     "REGIONAL_KEY",
+    "REGION_PROBE_KEY",
     "RegionalAttention",
     "RegionalLayout",
     "RegionalRun",

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..concept_stack.stack import Concept, ConceptStack
+from ..prompt_tokens import phrase_positions
 from ..regions.layout import Region, Regions
 from .blend import boxes_from_attention
 from .layout import OFF, RECORD, LayoutError, LayoutStore, install_layout_patches
@@ -43,27 +44,9 @@ class OMGError(ValueError):
 # ------------------------------------------------------------------------------------------- words
 
 
-def _token_ids(clip, text: str) -> list[int]:
-    tokens = clip.tokenize(text)
-    key = "l" if "l" in tokens else next(iter(tokens))
-    return [int(t[0]) for chunk in tokens[key] for t in chunk]
-
-
 def word_positions(clip, prompt: str, word: str) -> list[int]:
     """Token positions (into the prompt's 77-token chunks) of each occurrence of ``word``: its last token."""
-    empty = _token_ids(clip, "")
-    end = empty[1] if len(empty) > 1 else None
-    ids = _token_ids(clip, word)
-    inner = []
-    for t in ids[1:]:
-        if t == end:
-            break
-        inner.append(t)
-    if not inner:
-        return []
-    seq = _token_ids(clip, prompt)
-    n = len(inner)
-    return [i + n - 1 for i in range(len(seq) - n + 1) if seq[i : i + n] == inner]
+    return [found[-1] for found in phrase_positions(clip, prompt, word)]
 
 
 def class_word_tokens(clip, prompt: str, stack: ConceptStack) -> list[int]:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention_patches import chained_attention
+from ..attention_patches import QUERY_POSITIONS_KEY, chained_attention
 from .adapters import ResolvedConcept, ScopedLoRAError
 from .lowrank import (
     LayerFactors,
@@ -504,7 +504,9 @@ class ScopedAttention:
         else:
             out = None
             if plain_tokens.numel():
-                part = self._attention(q.index_select(1, plain_tokens), k, v, extra_options)
+                part = self._attention(
+                    q.index_select(1, plain_tokens), k, v, {**extra_options, QUERY_POSITIONS_KEY: plain_tokens}
+                )
                 out = part.new_zeros(part.shape[0], n, part.shape[-1])
                 out[:, plain_tokens] = part
         if out is not None:
@@ -523,7 +525,8 @@ class ScopedAttention:
             if "to_v" in deltas:
                 v_c = v_c + deltas["to_v"].index_select(0, rows).to(v.dtype)
             q_c = q.index_select(0, rows).index_select(1, tokens)
-            region = self._attention(q_c, k_c, v_c, extra_options)  # only the concept's own positions
+            # only the concept's own positions
+            region = self._attention(q_c, k_c, v_c, {**extra_options, QUERY_POSITIONS_KEY: tokens})
             if out is None:
                 out = region.new_zeros(q.shape[0], n, region.shape[-1])
             w_c = w.index_select(0, rows).index_select(1, tokens).to(region.dtype).unsqueeze(-1)

@@ -182,6 +182,10 @@ def _providers(ckpt: str) -> dict:
             },
             ["p_omg1", 0],
         ),  # fmt: skip
+        "GUIDER": (
+            {**_LORA_COMPOSER, "p_ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}},
+            ["p_lc", 0],
+        ),  # fmt: skip
         "CONCEPT_STACK": (
             {
                 "p_stack": {
@@ -199,6 +203,38 @@ def _providers(ckpt: str) -> dict:
     }
 
 
+# LoRA-Composer needs the concept's words in its box's prompt
+LC_REGIONS = {"p_reg_lc": {"class_type": "MultiConceptRegions",
+                           "inputs": {"width": 64, "height": 64, "regions": REGIONS_JSON.replace('"a cat"', '"a <cat1> <cat2> cat"')}}}  # fmt: skip
+# A LoRA-Composer guider without latent steps or re-initialisation (the fuzz boxes are too small for them).
+_LORA_COMPOSER = {
+    **LC_REGIONS,
+    "p_stack": {"class_type": "MultiConceptStackEDLoRA",
+                "inputs": {"edlora_name": EDLORA, "strength_unet": 0.7, "strength_text": 0.7, "region_label": "cat"}},
+    "p_lc": {"class_type": "MultiConceptLoRAComposer",
+             "inputs": {"model": ["p_ckpt", 0], "clip": ["p_ckpt", 1], "regions": ["p_reg_lc", 0], "concepts": ["p_stack", 0],
+                        "global_prompt": "a cat and a dog", "global_negative": "", "cfg": 5.0, "step_size": 0.0,
+                        "reinitialise": False}},
+}  # fmt: skip
+# Socket inputs that need a particular provider for one node: the maps node reads a guider that sampled.
+NODE_LINKS = {
+    ("MultiConceptLoRAComposer", "regions"): (LC_REGIONS, ["p_reg_lc", 0]),
+    ("MultiConceptLoRAComposerAttention", "samples"): (
+        {
+            **_LORA_COMPOSER,
+            "p_noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}},
+            "p_ksel": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+            "p_sched": {"class_type": "BasicScheduler",
+                        "inputs": {"model": ["p_ckpt", 0], "scheduler": "normal", "steps": 2, "denoise": 1.0}},
+            "p_lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "p_sca": {"class_type": "SamplerCustomAdvanced",
+                      "inputs": {"noise": ["p_noise", 0], "guider": ["p_lc", 0], "sampler": ["p_ksel", 0],
+                                 "sigmas": ["p_sched", 0], "latent_image": ["p_lat", 0]}},
+        },
+        ["p_sca", 0],
+    ),
+}  # fmt: skip
+
 # Valid values for widgets whose default would not run here (file pickers).
 GOOD_COMBO = {"edlora_name": EDLORA, "sam_name": SAM, "lora_name": LORA}
 # Valid values for text widgets whose default would not run here.
@@ -206,6 +242,9 @@ GOOD_TEXT = {
     ("MultiConceptStackLoRA", "region_label"): "dog",
     ("MultiConceptStackEDLoRA", "region_label"): "cat",
     ("MultiConceptMixOfShowRegional", "global_prompt"): "a cat and a dog on a sofa",
+    ("MultiConceptLoRAComposer", "global_prompt"): "a cat and a dog on a sofa",
+    ("MultiConceptLoRAComposer", "step_size"): 0.0,  # the fuzz boxes (64 px image) are too small for the losses
+    ("MultiConceptLoRAComposer", "reinitialise"): False,
     ("MultiConceptOMG", "scene_prompt"): "a cat and a dog on a sofa",
     ("MultiConceptOMGStage1", "scene_prompt"): "a cat and a dog on a sofa",
     ("MultiConceptOMGModelConcept", "class_word"): "dog",
@@ -223,6 +262,7 @@ OPTIONAL_LINKS = {
     "MultiConceptSAMMasks": ("regions",),
     "MultiConceptOMG": ("regions",),  # the fuzz stack's concept has a region label but no class word
     "MultiConceptOMGGuider": ("regions",),
+    "MultiConceptLoRAComposer": ("concepts",),  # its box prompt names the concept's words
 }
 
 
@@ -240,7 +280,7 @@ def _base_graph(node_id: str, info: dict, ckpt: str) -> tuple[dict, list[tuple[s
                     continue
                 socket = spec[0]
                 assert socket in providers, f"{node_id}.{name}: add a provider for socket type {socket} to this test"
-                nodes, link = providers[socket]
+                nodes, link = NODE_LINKS.get((node_id, name), providers[socket])
                 prompt.update(copy.deepcopy(nodes))
                 inputs[name] = link
                 continue

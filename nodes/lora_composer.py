@@ -1,0 +1,240 @@
+"""LoRA-Composer: Mix-of-Show regional sampling plus attention constraints (concept enhancement by latent
+steps, concept isolation in self-attention, latent re-initialisation), as a GUIDER for SamplerCustomAdvanced;
+and a picture of each concept's attention map over its box at chosen steps."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..samplers.lora_composer.concepts import check_box_sizes, composer_concepts
+from ..samplers.lora_composer.guider import (
+    ComposerError,
+    ComposerSettings,
+    ComposerState,
+    LoRAComposerGuider,
+    install_composer,
+)
+from ..samplers.lora_composer.preview import draw_attention_maps, pick_steps
+from ..samplers.mixofshow.sampling import REGIONAL_KEY
+from .common import ConceptStackType, NodeError, checked_inputs
+from .mixofshow_regional import ADAPTER_MODES, CATEGORY_METHODS, build_regional
+from .regions import RegionsType
+
+_DEFAULTS = ComposerSettings()
+
+
+def _weight(name, default, tooltip, maximum=100.0, step=0.1):
+    return io.Float.Input(name, default=default, min=0.0, max=maximum, step=step, optional=True, tooltip=tooltip)
+
+
+class LoRAComposer(io.ComfyNode):
+    NAME = "LoRA-Composer"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MultiConceptLoRAComposer",
+            display_name="LoRA-Composer Guider",
+            category=CATEGORY_METHODS,
+            description="Several concepts in their boxes, training-free, fighting the two usual failures: a concept "
+            "vanishing (its words' attention is pushed into its box by a small step on the latent in the early "
+            "steps) and two concepts merging (positions in one box cannot attend to another box). Built on "
+            "Mix-of-Show regional sampling; connect the GUIDER to SamplerCustomAdvanced (euler, dpmpp_2m, ...).",
+            inputs=[
+                io.Model.Input("model", tooltip="The checkpoint's MODEL (SD1.x, SD2.x or SDXL)."),
+                io.Clip.Input("clip", tooltip="The checkpoint's CLIP; each box's prompt is encoded with it."),
+                RegionsType.Input(
+                    "regions",
+                    tooltip="From the Regions node (or SAM Masks): a box per concept, its prompt naming the "
+                    "concept's words (or class word). Draw them at the size you sample.",
+                ),
+                io.String.Input(
+                    "global_prompt",
+                    multiline=True,
+                    default="",
+                    tooltip="The whole scene, e.g. 'a man and a dog in a park'. Governs everything outside the boxes.",
+                ),  # fmt: skip
+                io.String.Input(
+                    "global_negative",
+                    multiline=True,
+                    default="",
+                    tooltip="Negative prompt for the image and the boxes.",
+                ),  # fmt: skip
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance."),
+                ConceptStackType.Input(
+                    "concepts",
+                    optional=True,
+                    tooltip="The concepts (ED-LoRAs, LoRAs) from the Concept Stack nodes; each goes to the box with "
+                    "its region label (or whose prompt names its words).",
+                ),
+                io.Combo.Input(
+                    "adapters",
+                    options=list(ADAPTER_MODES),
+                    default="scoped",
+                    optional=True,
+                    tooltip="scoped: each concept's UNet LoRA acts only inside its box. merged: every LoRA everywhere. "
+                    "already applied: the MODEL/CLIP carry the concepts (e.g. a fused model).",
+                ),  # fmt: skip
+                _weight(
+                    "enhancement",
+                    _DEFAULTS.enhancement,
+                    "Concept enhancement: weight of the top-k loss that pulls each concept's word attention into "
+                    "the centre of its box (official 8). 0 turns it off.",
+                ),  # fmt: skip
+                _weight(
+                    "fill",
+                    _DEFAULTS.fill,
+                    "Weight of the fill loss: every row and column of the box should hold a strong response, so the "
+                    "concept fills its box (official 2). 0 turns it off.",
+                ),  # fmt: skip
+                _weight(
+                    "region",
+                    _DEFAULTS.region,
+                    "Weight of the region loss on self-attention that leaves a concept's box (official 10). "
+                    "0 turns it off.",
+                ),  # fmt: skip
+                io.Float.Input(
+                    "step_size",
+                    default=_DEFAULTS.step_size,
+                    min=0.0,
+                    max=1000.0,
+                    step=0.5,
+                    optional=True,
+                    tooltip="Size of the latent step per denoising step (official 20, decaying as sqrt(1 -> 0.5) over "
+                    "the schedule). 0: no latent steps (no extra passes).",
+                ),  # fmt: skip
+                io.Float.Input(
+                    "refine_until",
+                    default=_DEFAULTS.refine_until,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    optional=True,
+                    tooltip="Latent steps run until this fraction of the schedule (official: step 25 of 50 = 0.5). "
+                    "Each costs about one extra model pass.",
+                ),  # fmt: skip
+                io.Boolean.Input(
+                    "stop_when_loss_rises",
+                    default=True,
+                    optional=True,
+                    tooltip="Stop the latent steps for good at the first step (after the first tenth) where the loss "
+                    "rose (the official rule).",
+                ),  # fmt: skip
+                io.Boolean.Input(
+                    "isolation",
+                    default=True,
+                    optional=True,
+                    tooltip="Concept isolation: in every self-attention layer, positions in one box cannot attend "
+                    "to another box (the background stays free). Keeps concepts from merging.",
+                ),  # fmt: skip
+                io.Boolean.Input(
+                    "reinitialise",
+                    default=True,
+                    optional=True,
+                    tooltip="Before sampling, move the patch of noise each concept already favours into its box (one "
+                    "extra model pass), then restore the noise's statistics.",
+                ),  # fmt: skip
+                _weight(
+                    "top_k_ratio",
+                    _DEFAULTS.top_k_ratio,
+                    "Share of the box's cells the top-k losses average (official 0.2).",
+                    1.0,
+                    0.01,
+                ),  # fmt: skip
+                _weight(
+                    "smoothing",
+                    _DEFAULTS.smooth_sigma,
+                    "Sigma of the 3x3 Gaussian that smooths the attention maps before the losses (official 0.5; "
+                    "0 = none).",
+                    5.0,
+                    0.05,
+                ),  # fmt: skip
+            ],
+            outputs=[
+                io.Guider.Output(display_name="GUIDER", tooltip="For SamplerCustomAdvanced."),
+                io.Image.Output(display_name="preview", tooltip="Which box holds which prompt and concept."),
+            ],
+        )
+
+    @classmethod
+    @checked_inputs(NAME)
+    def execute(cls, model, clip, regions, global_prompt, global_negative, cfg, concepts=None, adapters="scoped",
+                enhancement=8.0, fill=2.0, region=10.0, step_size=20.0, refine_until=0.5, stop_when_loss_rises=True,
+                isolation=True, reinitialise=True, top_k_ratio=0.2, smoothing=0.5) -> io.NodeOutput:  # fmt: skip
+        settings = ComposerSettings(
+            enhancement=float(enhancement), fill=float(fill), region=float(region), top_k_ratio=float(top_k_ratio),
+            smooth_sigma=float(smoothing), step_size=float(step_size), refine_until=float(refine_until),
+            stop_when_loss_rises=bool(stop_when_loss_rises), isolation=bool(isolation),
+            reinitialise=bool(reinitialise),
+        )  # fmt: skip
+        if settings.refines and settings.top_k_ratio <= 0:
+            raise NodeError(cls.NAME, "top_k_ratio must be above 0 (official 0.2).")
+        built = build_regional(cls.NAME, model, clip, regions, global_prompt, global_negative, concepts, adapters)
+        side = built.positive[0][1][REGIONAL_KEY]
+        prompt_tokens = [int(c.shape[-2]) for c in side.contexts]
+        try:
+            targets = composer_concepts(cls.NAME, built.stack, built.plans, built.region_clips, prompt_tokens)
+            if settings.refines or settings.reinitialise:
+                check_box_sizes(cls.NAME, built.layout.masks, targets, regions.width, regions.height,
+                                settings.loss_divisor)  # fmt: skip
+        except ComposerError as e:
+            raise NodeError(cls.NAME, str(e).removeprefix(f"{cls.NAME}: ")) from None
+        state = ComposerState(settings, targets, built.layout.masks, cls.NAME, layout=built.layout)
+        install_composer(built.model, state)
+        guider = LoRAComposerGuider(built.model, state)
+        guider.set_conds(built.positive, built.negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider, built.preview)
+
+
+class LoRAComposerAttention(io.ComfyNode):
+    NAME = "LoRA-Composer Attention Maps"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MultiConceptLoRAComposerAttention",
+            display_name="LoRA-Composer Attention Maps",
+            category=CATEGORY_METHODS,
+            description="Each concept's attention map (its words, at the loss resolution) over its box at chosen "
+            "steps of the last sampling with a LoRA-Composer GUIDER, with the loss where a latent step ran: see "
+            "why a concept vanished or leaked.",
+            inputs=[
+                io.Guider.Input("guider", tooltip="The LoRA-Composer GUIDER that sampled."),
+                io.Latent.Input(
+                    "samples", tooltip="SamplerCustomAdvanced's output (it makes this node run after the sampling)."
+                ),
+                io.String.Input(
+                    "steps",
+                    default="",
+                    optional=True,
+                    tooltip="Steps to show, 1-based ('1, 5, 10'); empty: four spread over the run.",
+                ),  # fmt: skip
+                io.Image.Input("image", optional=True, tooltip="Optional: the decoded image, to draw the maps on."),
+            ],
+            outputs=[io.Image.Output(display_name="maps", tooltip="A row per step, a column per concept.")],
+        )
+
+    @classmethod
+    @checked_inputs(NAME)
+    def execute(cls, guider, samples, steps="", image=None) -> io.NodeOutput:
+        if not isinstance(guider, LoRAComposerGuider):
+            raise NodeError(cls.NAME, "guider must come from the LoRA-Composer Guider node.")
+        state = guider.state
+        recorded = sorted(s for s, r in state.history.items() if r.maps)
+        if not recorded:
+            raise NodeError(
+                cls.NAME,
+                "the guider has not sampled yet (or has no concepts). Connect SamplerCustomAdvanced's output to "
+                "'samples' so this node runs after it.",
+            )
+        try:
+            chosen = pick_steps(recorded, steps)
+        except ValueError as e:
+            raise NodeError(cls.NAME, str(e)) from None
+        lat = samples["samples"]
+        size = (int(lat.shape[-2]) * 8, int(lat.shape[-1]) * 8)
+        first = state.history[recorded[0]].maps[0]
+        masks = state.concept_masks_at(tuple(first.shape[-2:]))
+        maps = draw_attention_maps(state.history, chosen, [c.label for c in state.concepts], masks, size, image)
+        return io.NodeOutput(maps)

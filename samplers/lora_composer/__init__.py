@@ -1,0 +1,2 @@
+"""LoRA-Composer attention constraints: losses (``losses``), isolation (``isolation``), re-initialisation
+(``reinit``), pure torch; the ComfyUI glue in ``guider``."""
