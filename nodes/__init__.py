@@ -8,11 +8,13 @@ from typing_extensions import override
 from .concept_stack import ConceptStackEDLoRA, ConceptStackLoaded, ConceptStackLoRA
 from .edlora_convert import EDLoRAConvert
 from .edlora_loader import EDLoRALoader
+from .fusion import FuseConcepts, LoadFusedConcepts
 from .lora_composer import LoRAComposer, LoRAComposerAttention
 from .mixofshow_regional import MixOfShowRegional
 from .omg import OMG, OMGGuiderNode, OMGModelConcept, OMGStage1
 from .regional_lora import RegionalLoRA
 from .regions import Regions
+from .response_mix import ResponseWeightedMix
 from .sam import SAMLoader, SAMMasks
 from .training import TrainEDLoRA
 
@@ -34,6 +36,9 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     OMGGuiderNode,
     OMGModelConcept,
     TrainEDLoRA,
+    FuseConcepts,
+    LoadFusedConcepts,
+    ResponseWeightedMix,
 ]
 
 

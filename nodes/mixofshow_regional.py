@@ -13,6 +13,7 @@ from comfy_api.latest import io
 from ..samplers.concept_stack import ConceptStack
 from ..samplers.edlora.clip import LAYERWISE_KEY
 from ..samplers.edlora.model import (
+    FUSED_KEY,
     MERGED_KEY,
     EDLoRAApplyError,
     add_layerwise_routing,
@@ -163,7 +164,7 @@ def build_regional(node, model, clip, regions, global_prompt, global_negative, c
     clone = model.clone()
     try:
         for concept in stack:  # SD1.5 vs SDXL: refused by name before anything is applied
-            if concept.kind == "edlora" and adapters != "already applied":
+            if concept.kind == "edlora" and adapters != "already applied" and not concept.fused:
                 check_compatible(model, clip, concept.adapter, concept.source)
         kv_factors = _apply_unet_adapters(node, clone, stack, plans, masks, adapters)
         pos_side, neg_side, positive, negative, region_clips = _encode_all(
@@ -199,8 +200,16 @@ def _apply_unet_adapters(node, clone, stack, plans, masks, mode) -> tuple[dict, 
     if mode == "already applied" or not len(stack):
         return tuple(kv_factors)
     merged = set(clone.model_options.get("transformer_options", {}).get(MERGED_KEY, ()))
+    fused = set(clone.model_options.get("transformer_options", {}).get(FUSED_KEY, ()))
     scoped_items = []
     for ci, concept in enumerate(stack):
+        if concept.fused:  # its LoRA is part of the fused weights
+            if concept.fused not in fused:
+                raise RegionalPlanError(
+                    f"{concept.name} is a fused concept, but this MODEL does not carry that fusion: connect the MODEL "
+                    "and CLIP of the Fuse Concepts / Load Fused Concepts node that made the stack."
+                )
+            continue
         if concept.loader_uid and concept.loader_uid in merged:
             raise RegionalPlanError(
                 f"the MODEL already has {concept.source} merged everywhere (it comes from that ED-LoRA Loader). "

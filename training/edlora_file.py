@@ -136,6 +136,11 @@ def read_edlora(path: str | os.PathLike) -> EDLoRAWeights:
         content, metadata, kind = read_tensor_file(path, what="ED-LoRA file")
     except CheckpointFileError as e:
         raise EDLoRAFileError(str(e)) from None
+    if kind == "safetensors" and metadata.get("format") == "multiconcept.fused":
+        raise EDLoRAFileError(
+            f"{name} is a fused multi-concept file (from Fuse Concepts), not a single ED-LoRA: load it with the "
+            "'Load Fused Concepts' node"
+        )
     if kind == "safetensors":
         tree: dict = {}
         for key, tensor in content.items():

@@ -57,6 +57,11 @@ def read_lora_file(path: str) -> LoRAFile:
         content = content["state_dict"]
     if not isinstance(content, dict) or not content:
         raise CheckpointFileError(f"{name} holds no tensors ({type(content).__name__}); it is not a LoRA file")
+    if metadata.get("format") == "multiconcept.fused":
+        raise CheckpointFileError(
+            f"{name} is a fused multi-concept file (from Fuse Concepts), not a LoRA: load it with the 'Load Fused "
+            "Concepts' node"
+        )
     if (
         "params" in content
         or metadata.get("format") == "multiconcept.edlora"

@@ -41,6 +41,7 @@ class Concept:
     adapter: object = field(default=None, compare=False, repr=False)
     renamed_from: tuple[str, ...] = ()
     loader_uid: str = ""  # set when the concept came from an ED-LoRA Loader (which merged it into its MODEL)
+    fused: str = ""  # the id of the fusion whose MODEL/CLIP carry this concept (Fuse Concepts); "" = not fused
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -65,6 +66,8 @@ class Concept:
         parts.append(f"unet x{self.strength_unet:g}, text x{self.strength_text:g}")
         if self.renamed_from:
             parts.append(f"renamed from {' '.join(self.renamed_from)}")
+        if self.fused:
+            parts.append("fused (its LoRA is in the fused MODEL and CLIP)")
         return ", ".join(parts)
 
 

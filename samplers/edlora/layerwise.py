@@ -34,6 +34,11 @@ def cross_attention_order(diffusion_model: torch.nn.Module) -> dict[tuple[str, i
     return order
 
 
+def cross_attention_paths(diffusion_model: torch.nn.Module) -> list[str]:
+    """Module paths of the cross-attention layers in the order of :func:`cross_attention_order` (layer index)."""
+    return [name for name, _ in diffusion_model.named_modules() if _CROSS_ATTENTION.match(name)]
+
+
 def layer_index(extra_options: dict, order: dict | None) -> int | None:
     """The running cross-attention layer's index in ``order`` (see :func:`cross_attention_order`).
 

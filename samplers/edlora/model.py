@@ -29,6 +29,7 @@ log = logging.getLogger("multiconcept")
 ROUTING_KEY = "multiconcept.layerwise"
 TABLE_KEY = "multiconcept_layerwise_table"
 MERGED_KEY = "multiconcept_merged_concepts"  # uids of ED-LoRA concepts whose UNet LoRA this MODEL has merged
+FUSED_KEY = "multiconcept_fused"  # ids of the concept fusions whose weights this MODEL carries (Fuse Concepts)
 SD15_CROSS_ATTENTION_LAYERS = 16
 
 

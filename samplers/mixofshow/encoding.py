@@ -28,6 +28,13 @@ def concept_clip(clip, concepts: list[Concept], lora_of: list[Concept], known_ok
         if c.kind != "edlora":
             continue
         known = [w for w in c.words if vocab.owner_of(w) is not None]
+        if c.fused:
+            if len(known) != len(c.words):
+                raise RegionalPlanError(
+                    f"{c.name} is a fused concept: its words and LoRA live in the CLIP of Fuse Concepts / Load Fused "
+                    "Concepts. Connect that CLIP (and MODEL)."
+                )
+            continue
         if known and known_ok:
             continue
         if known:
@@ -41,7 +48,7 @@ def concept_clip(clip, concepts: list[Concept], lora_of: list[Concept], known_ok
         vocab = vocab.with_entry(entry)
     new = with_vocabulary(clip, vocab) if vocab.entries else clip.clone()
     for c in lora_of:
-        if not c.strength_text:
+        if not c.strength_text or c.fused:
             continue
         if c.kind == "edlora":
             from ..edlora.model import text_encoder_patches

@@ -158,6 +158,12 @@ def _module_path_or_key(key: str) -> str:
 
 def resolve_concept(model_patcher, concept: Concept) -> ResolvedConcept:
     """The concept's UNet factors on this model; ScopedLoRAError when they do not fit or cannot be scoped."""
+    if concept.fused:
+        raise ScopedLoRAError(
+            f"{concept.name} is a fused concept: its LoRA is part of the fused MODEL's weights, so it cannot act in one "
+            "region or batch row only. Use the fused MODEL with Mix-of-Show Regional or LoRA-Composer, or build the "
+            "stack from the original concept files for this method."
+        )
     if concept.kind == "edlora":
         return ResolvedConcept(concept, _edlora_factors(model_patcher, concept) if concept.strength_unet else {})
     factors, text = _lora_factors(model_patcher, concept)

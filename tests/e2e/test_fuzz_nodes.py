@@ -33,6 +33,7 @@ pytestmark = pytest.mark.e2e
 
 EDLORA = "fz_concept.pth"
 LORA = "fz_lora.safetensors"
+FUSED = "fz_fused_file.safetensors"
 SAM = "fz_tiny_sam.pth"
 REGIONS_JSON = (
     '{"version": 1, "boxes": [{"x": 0.1, "y": 0.1, "w": 0.4, "h": 0.5, "prompt": "a cat", "label": "cat"},'
@@ -64,8 +65,11 @@ BAD = {
 # Nodes that sample (seconds per accepted value) get one text value per class above instead of all of them:
 # empty, blank, overlong, control character, unbalanced weight syntax, not-a-string, token flood.
 SAMPLING_NODES = {"MultiConceptMixOfShowRegional", "MultiConceptOMG", "MultiConceptOMGStage1", "MultiConceptOMGGuider",
-                  "MultiConceptTrainEDLoRA"}  # fmt: skip
+                  "MultiConceptTrainEDLoRA", "MultiConceptFuseConcepts", "MultiConceptResponseWeightedMix"}  # fmt: skip
 BAD_TEXT_SAMPLING = ["", " ", "x" * 200_001, "nul\x00char", "(((((((((((((", 12345, ["a", "b", "c"], "<cat1> " * 2000]
+# Nodes that encode a concept-word flood twice in all 17 layer variants (minutes on the full-size test CLIP):
+# a smaller flood (still several 77-token sections) proves the same.
+SHORT_FLOOD_NODES = {"MultiConceptResponseWeightedMix"}
 # ...and whole numbers without the values ComfyUI coerces and accepts (3.5 -> 3, True -> 1): those are
 # covered by every other node, and here each accepted value costs a sampling or training run.
 BAD_INT_SAMPLING = ["abc", None, [1], 2**70, -(2**70), math.nan, "1e400"]
@@ -216,8 +220,17 @@ _LORA_COMPOSER = {
                         "global_prompt": "a cat and a dog", "global_negative": "", "cfg": 5.0, "step_size": 0.0,
                         "reinitialise": False}},
 }  # fmt: skip
+# Fusion needs two concepts: the ED-LoRA and the LoRA (trigger word "fzdog").
+_TWO_CONCEPTS = {
+    "p_stack": {"class_type": "MultiConceptStackEDLoRA",
+                "inputs": {"edlora_name": EDLORA, "strength_unet": 0.7, "strength_text": 0.7, "region_label": "cat"}},
+    "p_stack2": {"class_type": "MultiConceptStackLoRA",
+                 "inputs": {"lora_name": LORA, "strength_unet": 1.0, "strength_text": 1.0, "region_label": "dog",
+                            "concepts": ["p_stack", 0], "trigger_words": "fzdog"}},
+}  # fmt: skip
 # Socket inputs that need a particular provider for one node: the maps node reads a guider that sampled.
 NODE_LINKS = {
+    ("MultiConceptFuseConcepts", "concepts"): (_TWO_CONCEPTS, ["p_stack2", 0]),
     ("MultiConceptLoRAComposer", "regions"): (LC_REGIONS, ["p_reg_lc", 0]),
     ("MultiConceptLoRAComposerAttention", "samples"): (
         {
@@ -236,7 +249,7 @@ NODE_LINKS = {
 }  # fmt: skip
 
 # Valid values for widgets whose default would not run here (file pickers).
-GOOD_COMBO = {"edlora_name": EDLORA, "sam_name": SAM, "lora_name": LORA}
+GOOD_COMBO = {"edlora_name": EDLORA, "sam_name": SAM, "lora_name": LORA, "fused_name": FUSED}
 # Valid values for text widgets whose default would not run here.
 GOOD_TEXT = {
     ("MultiConceptStackLoRA", "region_label"): "dog",
@@ -256,6 +269,12 @@ GOOD_TEXT = {
     ("MultiConceptTrainEDLoRA", "batch_size"): 1,
     ("MultiConceptTrainEDLoRA", "resolution"): 64,
     ("MultiConceptTrainEDLoRA", "output_name"): "fz_trained",
+    # fusion: one recording step at 64², one prompt (each accepted value fuses)
+    ("MultiConceptFuseConcepts", "sample_steps"): 1,
+    ("MultiConceptFuseConcepts", "sample_size"): 64,
+    ("MultiConceptFuseConcepts", "prompt_templates"): "photo of a {}",
+    ("MultiConceptFuseConcepts", "save_name"): "fz_fused",
+    ("MultiConceptResponseWeightedMix", "prompt"): "a photo of <cat1> <cat2>",
 }
 # Optional sockets a node needs one of to run.
 OPTIONAL_LINKS = {
@@ -325,7 +344,18 @@ def fuzz_files(comfy_server):
         str(models / "loras" / LORA),
     )  # fmt: skip
     save_tiny_sam(models / "sams" / SAM)
+    _save_fused_file(models / "loras" / FUSED)
     return models
+
+
+def _save_fused_file(path):
+    """A fused-concepts file with one concept's words and no weight differences (loads on any SD1.5 model)."""
+    from multiconcept.samplers.fusion.fused_file import FusedConceptInfo, FusedConcepts, write_fused
+
+    raw = official_edlora(words=("<fz1>", "<fz2>"), seed=79)["params"]["new_concept_embedding"]
+    info = FusedConceptInfo("edlora", "fz.pth", ("<fz1>", "<fz2>"), "cat", "cat",
+                            embeddings={w: {"l": t} for w, t in raw.items()})  # fmt: skip
+    write_fused(FusedConcepts("fz", "sd15", {}, {}, (info,)), path)
 
 
 def _check_outcome(server, node_id: str, display: str, prompt: dict, what: str) -> str:
@@ -377,6 +407,8 @@ def test_every_node_survives_bad_values(comfy_server, tiny_checkpoint, fuzz_file
             values = BAD[kind]
             if node_id in SAMPLING_NODES:
                 values = {"STRING": BAD_TEXT_SAMPLING, "INT": BAD_INT_SAMPLING}.get(kind, values)
+            if node_id in SHORT_FLOOD_NODES:
+                values = ["<cat1> " * 200 if v == "<cat1> " * 2000 else v for v in values]
             for value in values:
                 prompt = copy.deepcopy(base)
                 prompt["n"]["inputs"][name] = value

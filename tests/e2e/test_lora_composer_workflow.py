@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -41,16 +40,6 @@ def server_edloras(comfy_server):
         torch.save(official_edlora(words=words, seed=seed, lora_scale=0.05), d / name)
         names[key] = name
     return names
-
-
-def _png(server, entry, node) -> np.ndarray:
-    from PIL import Image
-
-    images = entry["outputs"][node]["images"]
-    assert len(images) == 1, images
-    item = images[0]
-    with Image.open(server.output_file(item["filename"], item["subfolder"], item["type"])) as im:
-        return np.asarray(im.convert("RGB")).astype(np.float64)
 
 
 def test_lora_composer_workflow_runs_end_to_end(comfy_server, tiny_checkpoint, server_edloras):
@@ -89,11 +78,11 @@ def test_lora_composer_workflow_runs_end_to_end(comfy_server, tiny_checkpoint, s
 
     entry = comfy_server.run(prompt, timeout=600)
     assert entry["status"]["status_str"] == "success", entry["status"]
-    image = _png(comfy_server, entry, SAVE)
+    image = comfy_server.output_image(entry, SAVE)
     assert image.shape == (H, W, 3) and image.std() > 5, image.std()
-    maps = _png(comfy_server, entry, MAPS_PREVIEW)
+    maps = comfy_server.output_image(entry, MAPS_PREVIEW)
     assert maps.shape[1] == 2 * 256 and maps.std() > 5  # two concepts side by side
-    boxes_preview = _png(comfy_server, entry, BOXES)
+    boxes_preview = comfy_server.output_image(entry, BOXES)
     assert boxes_preview.shape == (H, W, 3)
 
 

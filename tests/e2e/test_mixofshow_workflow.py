@@ -52,16 +52,6 @@ def _prompt(comfy_server, tiny_checkpoint, files, prefix="mixofshow_two_concepts
     )
 
 
-def _png(server, entry, node) -> np.ndarray:
-    from PIL import Image
-
-    images = entry["outputs"][node]["images"]
-    assert len(images) == 1, images
-    item = images[0]
-    with Image.open(server.output_file(item["filename"], item["subfolder"], item["type"])) as im:
-        return np.asarray(im.convert("RGB")).astype(np.float64)
-
-
 def _box_px(box) -> tuple[int, int, int, int]:
     """``(x0, y0, x1, y1)`` in pixels of the W x H test image."""
     return (
@@ -108,10 +98,10 @@ def test_mixofshow_workflow_runs_and_a_box_prompt_acts_in_its_box(comfy_server, 
 
     entry = comfy_server.run(prompt, timeout=300)
     assert entry["status"]["status_str"] == "success", entry["status"]
-    image = _png(comfy_server, entry, SAVE)
+    image = comfy_server.output_image(entry, SAVE)
     assert image.shape == (H, W, 3)
     assert image.std() > 5, f"the picture must have range: std {image.std():.2f}"
-    preview = _png(comfy_server, entry, PREVIEW)  # which concept goes where
+    preview = comfy_server.output_image(entry, PREVIEW)  # which concept goes where
     assert preview.shape == (H, W, 3) and preview.std() > 5, preview.std()
 
     # Locality, in the saved pictures. Three runs of the same graph and seed: only the dog box's prompt changed
@@ -133,7 +123,7 @@ def test_mixofshow_workflow_runs_and_a_box_prompt_acts_in_its_box(comfy_server, 
         variant[SAVE]["inputs"]["filename_prefix"] = tag
         entry = comfy_server.run(variant, timeout=300)
         assert entry["status"]["status_str"] == "success", entry["status"]
-        return np.abs(image - _png(comfy_server, entry, SAVE)).mean(axis=2)
+        return np.abs(image - comfy_server.output_image(entry, SAVE)).mean(axis=2)
 
     def dog_prompt(variant):
         regions = json.loads(variant[REGIONS]["inputs"]["regions"])

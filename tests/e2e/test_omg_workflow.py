@@ -52,16 +52,6 @@ def _prompt(comfy_server, tiny_checkpoint, files) -> dict:
     )
 
 
-def _png(server, entry, node) -> np.ndarray:
-    from PIL import Image
-
-    images = entry["outputs"][node]["images"]
-    assert len(images) == 1, images
-    item = images[0]
-    with Image.open(server.output_file(item["filename"], item["subfolder"], item["type"])) as im:
-        return np.asarray(im.convert("RGB")).astype(np.float64)
-
-
 def test_omg_workflow_runs_stage_one_masks_and_stage_two(comfy_server, tiny_checkpoint, server_files):
     prompt = _prompt(comfy_server, tiny_checkpoint, server_files)
     omg = prompt[OMG]["inputs"]
@@ -71,8 +61,8 @@ def test_omg_workflow_runs_stage_one_masks_and_stage_two(comfy_server, tiny_chec
 
     entry = comfy_server.run(prompt, timeout=600)
     assert entry["status"]["status_str"] == "success", entry["status"]
-    final, stage1 = _png(comfy_server, entry, SAVE), _png(comfy_server, entry, STAGE1)
-    preview = _png(comfy_server, entry, PREVIEW)
+    final, stage1 = comfy_server.output_image(entry, SAVE), comfy_server.output_image(entry, STAGE1)
+    preview = comfy_server.output_image(entry, PREVIEW)
     for image in (final, stage1, preview):
         assert image.shape == (H, W, 3) and image.std() > 5, image.std()
     diff = np.abs(final - stage1).mean(axis=2)
@@ -88,7 +78,7 @@ def test_omg_workflow_runs_stage_one_masks_and_stage_two(comfy_server, tiny_chec
     off[SAVE]["inputs"]["filename_prefix"] = "omg_concepts_off"
     entry = comfy_server.run(off, timeout=600)
     assert entry["status"]["status_str"] == "success", entry["status"]
-    same = np.abs(_png(comfy_server, entry, SAVE) - _png(comfy_server, entry, STAGE1)).mean()
+    same = np.abs(comfy_server.output_image(entry, SAVE) - comfy_server.output_image(entry, STAGE1)).mean()
     assert same < 0.5, f"with every concept off, stage 2 must reproduce stage 1: {same:.2f}"
 
 

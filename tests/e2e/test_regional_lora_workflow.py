@@ -29,14 +29,6 @@ def server_loras(comfy_server, comfy, tiny_checkpoint):
     return names
 
 
-def _png(server, entry, node):
-    from PIL import Image
-
-    item = entry["outputs"][node]["images"][0]
-    with Image.open(server.output_file(item["filename"], item["subfolder"], item["type"])) as im:
-        return np.asarray(im.convert("RGB")).astype(np.float64)
-
-
 def test_regional_lora_workflow_runs_and_places_each_lora(comfy_server, tiny_checkpoint, server_loras):
     workflow = json.loads(WORKFLOW.read_text())
     small = {"width": 128, "height": 96}
@@ -53,9 +45,9 @@ def test_regional_lora_workflow_runs_and_places_each_lora(comfy_server, tiny_che
     assert prompt["5"]["inputs"]["model"] == ["1", 0] and prompt["9"]["inputs"]["model"] == ["5", 0]
     entry = comfy_server.run(prompt, timeout=300)
     assert entry["status"]["status_str"] == "success", entry["status"]
-    both = _png(comfy_server, entry, "11")
+    both = comfy_server.output_image(entry, "11")
     assert both.std() > 5, "the picture must have range"
-    assert _png(comfy_server, entry, "12").std() > 2  # the which-concept-goes-where preview
+    assert comfy_server.output_image(entry, "12").std() > 2  # the which-concept-goes-where preview
 
     # the same graph without the right LoRA: the right half changes far more than the left
     prompt["5"]["inputs"]["concepts"] = ["2", 0]
@@ -63,7 +55,7 @@ def test_regional_lora_workflow_runs_and_places_each_lora(comfy_server, tiny_che
     prompt["4"]["inputs"]["regions"] = prompt["4"]["inputs"]["regions"]
     left_only = comfy_server.run(prompt, timeout=300)
     assert left_only["status"]["status_str"] == "success", left_only["status"]
-    d = np.abs(both - _png(comfy_server, left_only, "11")).mean(axis=(0, 2))
+    d = np.abs(both - comfy_server.output_image(left_only, "11")).mean(axis=(0, 2))
     assert d[72:].mean() > 1.5 * d[:56].mean() and d[72:].mean() > 0.5, (d[:56].mean(), d[72:].mean())
 
 

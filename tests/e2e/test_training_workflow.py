@@ -55,14 +55,6 @@ def _prompt(comfy_server, tiny_checkpoint, files, name) -> dict:
     )
 
 
-def _png(server, entry, node) -> np.ndarray:
-    from PIL import Image
-
-    item = entry["outputs"][node]["images"][0]
-    with Image.open(server.output_file(item["filename"], item["subfolder"], item["type"])) as im:
-        return np.asarray(im.convert("RGB")).astype(np.float64)
-
-
 def test_training_workflow_trains_saves_and_samples_the_concept(comfy_server, tiny_checkpoint, server_files):
     prompt = _prompt(comfy_server, tiny_checkpoint, server_files, "e2e_cat")
     train = prompt[TRAIN]["inputs"]
@@ -71,7 +63,7 @@ def test_training_workflow_trains_saves_and_samples_the_concept(comfy_server, ti
 
     entry = comfy_server.run(prompt, timeout=900)
     assert entry["status"]["status_str"] == "success", entry["status"]
-    image, curve = _png(comfy_server, entry, SAVE), _png(comfy_server, entry, CURVE)
+    image, curve = comfy_server.output_image(entry, SAVE), comfy_server.output_image(entry, CURVE)
     assert image.shape == (RES, RES, 3) and image.std() > 3, image.std()
     assert curve.std() > 5
     saved = Path(comfy_server.base_dir) / "models" / "loras" / "e2e_cat.safetensors"

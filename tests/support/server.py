@@ -272,3 +272,14 @@ class ComfyServer:
     def output_file(self, filename: str, subfolder: str = "", type: str = "output") -> Path:  # noqa: A002
         """Where a ``{"filename", "subfolder", "type"}`` entry of /history outputs is on disk."""
         return self.base_dir / type / subfolder / filename
+
+    def output_image(self, entry: dict, node: str):
+        """The one image node ``node`` saved or previewed in a finished prompt, as float64 RGB ``[H, W, 3]``."""
+        import numpy as np
+        from PIL import Image
+
+        images = entry["outputs"][node]["images"]
+        assert len(images) == 1, images
+        item = images[0]
+        with Image.open(self.output_file(item["filename"], item["subfolder"], item["type"])) as im:
+            return np.asarray(im.convert("RGB")).astype(np.float64)

@@ -1,0 +1,185 @@
+"""The fused-concepts file: one ``.safetensors`` with the fused weights and every concept's words (pure torch).
+
+Layout::
+
+    unet.<ComfyUI weight key>            W_fused − W0 of a fused UNet layer     (e.g. unet.diffusion_model.…to_q.weight)
+    clip.<ComfyUI CLIP weight key>       W_fused − W0 of a fused text-encoder layer
+    embedding.<n>.<word>.<clip key>      concept n's layer-wise token embeddings [L, width] (ED-LoRA concepts)
+
+String metadata: ``format = "multiconcept.fused"``, ``format_version = "1"``, ``fusion_id``, ``base_model``
+(``sd15`` / ``sdxl``), ``concepts`` (JSON list: kind, source, words, class_word, label, strengths),
+``solver``, ``residuals`` (JSON: per layer the relative errors, fused and plain sum) and ``base_fingerprint``
+(sums of a few base weights, to notice a different checkpoint). The weights are differences to the base
+checkpoint they were fused on, so the file is small next to a checkpoint and needs that base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+FORMAT_NAME = "multiconcept.fused"
+FORMAT_VERSION = "1"
+
+
+class FusedFileError(ValueError):
+    """A file that is not a usable fused-concepts file; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class FusedConceptInfo:
+    kind: str  # "edlora" / "lora"
+    source: str
+    words: tuple[str, ...]
+    class_word: str = ""
+    label: str = ""
+    strength_unet: float = 1.0
+    strength_text: float = 1.0
+    embeddings: dict = field(default_factory=dict, repr=False)  # word -> clip key -> [L, width] (ED-LoRA)
+
+    def meta(self) -> dict:
+        return {
+            "kind": self.kind,
+            "source": self.source,
+            "words": list(self.words),
+            "class_word": self.class_word,
+            "label": self.label,
+            "strength_unet": self.strength_unet,
+            "strength_text": self.strength_text,
+        }
+
+
+@dataclass(frozen=True)
+class FusedConcepts:
+    """Everything a fusion produced: weight differences (the dtype they are applied in) and the concepts."""
+
+    fusion_id: str
+    base_model: str
+    unet: dict  # ComfyUI weight key -> W_fused − W0
+    clip: dict  # ComfyUI CLIP weight key -> W_fused − W0
+    concepts: tuple[FusedConceptInfo, ...]
+    solver: str = ""
+    residuals: list = field(default_factory=list)  # [{"layer", "stage", "fused": [...], "sum": [...]}]
+    base_fingerprint: dict = field(default_factory=dict)  # weight key -> float sum of W0
+
+
+def to_safetensors_dict(fused: FusedConcepts) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors: dict[str, torch.Tensor] = {}
+    for key, t in fused.unet.items():
+        tensors[f"unet.{key}"] = t.detach().cpu().contiguous()
+    for key, t in fused.clip.items():
+        tensors[f"clip.{key}"] = t.detach().cpu().contiguous()
+    for n, c in enumerate(fused.concepts):
+        for word, per_key in c.embeddings.items():
+            for clip_key, t in per_key.items():
+                tensors[f"embedding.{n}.{word}.{clip_key}"] = t.detach().cpu().contiguous()
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "fusion_id": fused.fusion_id,
+        "base_model": fused.base_model,
+        "concepts": json.dumps([c.meta() for c in fused.concepts]),
+        "solver": fused.solver,
+        "residuals": json.dumps(fused.residuals),
+        "base_fingerprint": json.dumps(fused.base_fingerprint),
+    }
+    return tensors, metadata
+
+
+def write_fused(fused: FusedConcepts, path: str | os.PathLike) -> str:
+    """Write ``fused`` to ``path`` (never over an existing file; complete or not at all)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    if os.path.exists(path):
+        raise FusedFileError(f"{path} already exists; existing files are never overwritten")
+    tensors, metadata = to_safetensors_dict(fused)
+    tmp = path + ".partial"
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def is_fused_metadata(metadata: dict | None) -> bool:
+    return bool(metadata) and metadata.get("format") == FORMAT_NAME
+
+
+def read_fused(path: str | os.PathLike) -> FusedConcepts:
+    """Read a fused-concepts file; FusedFileError when it is something else or damaged."""
+    from ...training.checkpoint_io import CheckpointFileError, read_tensor_file
+
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    try:
+        tensors, metadata, kind = read_tensor_file(path, what="fused-concepts file")
+    except CheckpointFileError as e:
+        raise FusedFileError(str(e)) from None
+    if kind != "safetensors" or not is_fused_metadata(metadata):
+        raise FusedFileError(
+            f"{name} is not a fused-concepts file (it has no '{FORMAT_NAME}' format tag). Load ED-LoRAs with the "
+            "ED-LoRA Loader or a Concept Stack node, and LoRAs with a LoRA loader; fused files come from Fuse Concepts."
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise FusedFileError(f"{name} has format version {metadata.get('format_version')!r}; this pack reads 1")
+    try:
+        concepts_meta = json.loads(metadata.get("concepts", "[]"))
+        residuals = json.loads(metadata.get("residuals", "[]"))
+        fingerprint = json.loads(metadata.get("base_fingerprint", "{}"))
+    except json.JSONDecodeError:
+        raise FusedFileError(f"{name}: its metadata is not valid JSON; the file is damaged") from None
+    unet, clip, emb = {}, {}, {}
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise FusedFileError(f"{name}: {key} holds NaN or infinite values; fuse the concepts again")
+        if key.startswith("unet."):
+            unet[key[len("unet.") :]] = t
+        elif key.startswith("clip."):
+            clip[key[len("clip.") :]] = t
+        elif key.startswith("embedding."):
+            rest = key[len("embedding.") :]
+            n, _, tail = rest.partition(".")
+            word, _, clip_key = tail.rpartition(".")
+            if not n.isdigit() or not word or not clip_key:
+                raise FusedFileError(f"{name}: unexpected entry {key!r}")
+            emb.setdefault(int(n), {}).setdefault(word, {})[clip_key] = t
+        else:
+            raise FusedFileError(f"{name}: unexpected entry {key!r}")
+    concepts = []
+    for n, m in enumerate(concepts_meta):
+        words = tuple(m.get("words", ()))
+        embeddings = emb.get(n, {})
+        if m.get("kind") == "edlora" and set(embeddings) != set(words):
+            raise FusedFileError(
+                f"{name}: concept {n + 1} lists words {words} but stores embeddings for {sorted(embeddings)}"
+            )
+        concepts.append(
+            FusedConceptInfo(
+                kind=str(m.get("kind", "")),
+                source=str(m.get("source", "")),
+                words=words,
+                class_word=str(m.get("class_word", "")),
+                label=str(m.get("label", "")),
+                strength_unet=float(m.get("strength_unet", 1.0)),
+                strength_text=float(m.get("strength_text", 1.0)),
+                embeddings=embeddings,
+            )
+        )
+    if not concepts:
+        raise FusedFileError(f"{name} lists no concepts")
+    return FusedConcepts(
+        fusion_id=str(metadata.get("fusion_id", "")),
+        base_model=str(metadata.get("base_model", "")),
+        unet=unet,
+        clip=clip,
+        concepts=tuple(concepts),
+        solver=str(metadata.get("solver", "")),
+        residuals=residuals,
+        base_fingerprint=fingerprint,
+    )
