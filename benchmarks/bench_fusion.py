@@ -314,10 +314,18 @@ def main() -> int:
             current["stage"] = "probe"
             evals_by_stage["probe"] = 0
             t0 = time.perf_counter()
-            solvers_mod.lbfgs(problem, iters=iters)
-            probes[key] = {"seconds": time.perf_counter() - t0, "evals": evals_by_stage["probe"], "iters": iters}
-            print(f"  probe: L-BFGS x{n} {stage} {out_f}x{in_f} at {iters} iterations: {probes[key]['seconds']:.1f}s, "
-                  f"{probes[key]['evals']} evaluations", flush=True)  # fmt: skip
+            w_lbfgs = solvers_mod.lbfgs(problem, iters=iters)
+            seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            w_closed = solvers_mod.closed_form(problem)
+            closed_seconds = time.perf_counter() - t0
+            err_l, err_c = solvers_mod.relative_errors(problem, w_lbfgs, w_closed)  # in float32, not as saved
+            probes[key] = {"seconds": seconds, "evals": evals_by_stage["probe"], "iters": iters,
+                           "closed_form_seconds": closed_seconds, "lbfgs_error": statistics.mean(err_l),
+                           "closed_form_error": statistics.mean(err_c)}  # fmt: skip
+            print(f"  probe: x{n} {stage} {out_f}x{in_f}: L-BFGS at {iters} iterations {seconds:.1f}s, "
+                  f"{probes[key]['evals']} evaluations, error {100 * probes[key]['lbfgs_error']:.3f}%; closed form "
+                  f"{closed_seconds:.2f}s, error {100 * probes[key]['closed_form_error']:.3f}%", flush=True)  # fmt: skip
     fuse_mod._solve_layers, fuse_mod.solve, solvers_mod.objective = orig_solve_layers, orig_solve, orig_objective
     official: dict[int, float] = {}  # concepts -> estimated L-BFGS solve seconds at the official iterations
     for n in counts:
