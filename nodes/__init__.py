@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
+from .concept_conductor import ConceptConductor, ConceptConductorGuider
 from .concept_stack import ConceptStackEDLoRA, ConceptStackLoaded, ConceptStackLoRA
 from .edlora_convert import EDLoRAConvert
 from .edlora_loader import EDLoRALoader
@@ -39,6 +40,8 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     FuseConcepts,
     LoadFusedConcepts,
     ResponseWeightedMix,
+    ConceptConductor,
+    ConceptConductorGuider,
 ]
 
 

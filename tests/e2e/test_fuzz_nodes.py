@@ -65,7 +65,8 @@ BAD = {
 # Nodes that sample (seconds per accepted value) get one text value per class above instead of all of them:
 # empty, blank, overlong, control character, unbalanced weight syntax, not-a-string, token flood.
 SAMPLING_NODES = {"MultiConceptMixOfShowRegional", "MultiConceptOMG", "MultiConceptOMGStage1", "MultiConceptOMGGuider",
-                  "MultiConceptTrainEDLoRA", "MultiConceptFuseConcepts", "MultiConceptResponseWeightedMix"}  # fmt: skip
+                  "MultiConceptTrainEDLoRA", "MultiConceptFuseConcepts", "MultiConceptResponseWeightedMix",
+                  "MultiConceptConceptConductor"}  # fmt: skip
 BAD_TEXT_SAMPLING = ["", " ", "x" * 200_001, "nul\x00char", "(((((((((((((", 12345, ["a", "b", "c"], "<cat1> " * 2000]
 # Nodes that encode a concept-word flood twice in all 17 layer variants (minutes on the full-size test CLIP):
 # a smaller flood (still several 77-token sections) proves the same.
@@ -275,12 +276,21 @@ GOOD_TEXT = {
     ("MultiConceptFuseConcepts", "prompt_templates"): "photo of a {}",
     ("MultiConceptFuseConcepts", "save_name"): "fz_fused",
     ("MultiConceptResponseWeightedMix", "prompt"): "a photo of <cat1> <cat2>",
+    # Concept Conductor: two steps, few k-means restarts (each accepted value samples)
+    ("MultiConceptConceptConductor", "scene_prompt"): "a cat and a dog on a sofa",
+    ("MultiConceptConceptConductor", "steps"): 2,
+    ("MultiConceptConceptConductor", "kmeans_restarts"): 2,
+    ("MultiConceptConceptConductorGuider", "scene_prompt"): "a cat and a dog on a sofa",
+    ("MultiConceptConceptConductorGuider", "width"): 64,
+    ("MultiConceptConceptConductorGuider", "height"): 64,
 }
 # Optional sockets a node needs one of to run.
 OPTIONAL_LINKS = {
     "MultiConceptSAMMasks": ("regions",),
     "MultiConceptOMG": ("regions",),  # the fuzz stack's concept has a region label but no class word
     "MultiConceptOMGGuider": ("regions",),
+    "MultiConceptConceptConductor": ("regions",),
+    "MultiConceptConceptConductorGuider": ("regions",),
     "MultiConceptLoRAComposer": ("concepts",),  # its box prompt names the concept's words
 }
 

@@ -2,7 +2,9 @@
 
 The frontend does this when the Queue button is pressed; the e2e tests do it without a browser. Widget
 values are matched to inputs in the order /object_info lists them; an INT with control_after_generate
-(a seed) carries one extra UI-only value ("fixed"/"randomize").
+(a seed) carries one extra UI-only value ("fixed"/"randomize"). Bypassed nodes (mode 4) are left out and
+a link from one is followed through it as the frontend does (litegraph's ExecutableNodeDTO.resolveOutput):
+to the input at the same slot as the output when its type fits, else the first input of the same type.
 """
 
 from __future__ import annotations
@@ -23,9 +25,42 @@ def _has_control_after_generate(spec) -> bool:
     return bool(opts.get("control_after_generate"))
 
 
+def _fits(a, b) -> bool:
+    return a == b or "*" in (a, b) or "" in (a, b)
+
+
+def _resolve(links: dict, nodes: dict, link_id: int):
+    """``[source_id, slot]`` of the first non-bypassed node behind ``link_id``; None when a bypassed node on
+    the way has no connected input of the right type (the frontend then sends no value for the input)."""
+    _, src, slot, _, _, wanted = links[link_id]
+    seen = set()
+    while nodes.get(src, {}).get("mode", 0) == 4:
+        if (src, slot) in seen:
+            raise ValueError(f"bypassed nodes form a loop at node {src}")
+        seen.add((src, slot))
+        node = nodes[src]
+        inputs = node.get("inputs", [])
+        out_type = node["outputs"][slot]["type"]
+        same = inputs[slot] if slot < len(inputs) else None
+        if same is not None and _fits(same["type"], out_type) and _fits(same["type"], wanted):
+            index = slot
+        else:
+            index = next((i for i, inp in enumerate(inputs) if inp["type"] == wanted), -1)
+            if index == -1:
+                index = next(
+                    (i for i, inp in enumerate(inputs) if _fits(inp["type"], out_type) and _fits(inp["type"], wanted)),
+                    -1,
+                )
+        if index == -1 or inputs[index].get("link") is None:
+            return None
+        _, src, slot, *_ = links[inputs[index]["link"]]
+    return [str(src), slot]
+
+
 def workflow_to_api(workflow: dict, object_info: dict, overrides: dict | None = None) -> dict:
     """``overrides``: {node_id: {input_name: value}} applied after conversion (e.g. test file names)."""
     links = {link[0]: link for link in workflow["links"]}
+    nodes = {node["id"]: node for node in workflow["nodes"]}
     prompt = {}
     for node in workflow["nodes"]:
         info = object_info.get(node["type"])
@@ -49,8 +84,9 @@ def workflow_to_api(workflow: dict, object_info: dict, overrides: dict | None = 
                     inputs[name] = value
                 link_id = linked.get(name)
                 if link_id is not None:
-                    _, src, slot, *_ = links[link_id]
-                    inputs[name] = [str(src), slot]
+                    source = _resolve(links, nodes, link_id)
+                    if source is not None:
+                        inputs[name] = source
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     for node_id, values in (overrides or {}).items():
         prompt[str(node_id)]["inputs"].update(values)
