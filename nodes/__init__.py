@@ -9,6 +9,7 @@ from .concept_conductor import ConceptConductor, ConceptConductorGuider
 from .concept_stack import ConceptStackEDLoRA, ConceptStackLoaded, ConceptStackLoRA
 from .edlora_convert import EDLoRAConvert
 from .edlora_loader import EDLoRALoader
+from .evaluation import EvaluationReferences, OpenClipLoader, ScoreConcepts
 from .fusion import FuseConcepts, LoadFusedConcepts
 from .lora_composer import LoRAComposer, LoRAComposerAttention
 from .mixofshow_regional import MixOfShowRegional
@@ -42,6 +43,9 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     ResponseWeightedMix,
     ConceptConductor,
     ConceptConductorGuider,
+    OpenClipLoader,
+    EvaluationReferences,
+    ScoreConcepts,
 ]
 
 

@@ -35,6 +35,7 @@ EDLORA = "fz_concept.pth"
 LORA = "fz_lora.safetensors"
 FUSED = "fz_fused_file.safetensors"
 SAM = "fz_tiny_sam.pth"
+OPEN_CLIP = "fz_tiny_open_clip.safetensors"
 REGIONS_JSON = (
     '{"version": 1, "boxes": [{"x": 0.1, "y": 0.1, "w": 0.4, "h": 0.5, "prompt": "a cat", "label": "cat"},'
     ' {"x": 0.5, "y": 0.2, "w": 0.4, "h": 0.6, "prompt": "a dog", "label": "dog"}]}'
@@ -66,11 +67,17 @@ BAD = {
 # empty, blank, overlong, control character, unbalanced weight syntax, not-a-string, token flood.
 SAMPLING_NODES = {"MultiConceptMixOfShowRegional", "MultiConceptOMG", "MultiConceptOMGStage1", "MultiConceptOMGGuider",
                   "MultiConceptTrainEDLoRA", "MultiConceptFuseConcepts", "MultiConceptResponseWeightedMix",
-                  "MultiConceptConceptConductor"}  # fmt: skip
+                  "MultiConceptConceptConductor",
+                  # not sampling, but every accepted text is encoded for every branch/box, in all 16 ED-LoRA layer variants
+                  "MultiConceptConceptConductorGuider", "MultiConceptLoRAComposer"}  # fmt: skip
 BAD_TEXT_SAMPLING = ["", " ", "x" * 200_001, "nul\x00char", "(((((((((((((", 12345, ["a", "b", "c"], "<cat1> " * 2000]
+# ...and the long ones (an overlong text, a token flood: each an encode of thousands of tokens and a sampling run
+# when accepted) on the node's first text widget only: its other text widgets go through the same encoder.
+LONG_TEXT = {"x" * 200_001, "<cat1> " * 2000}
 # Nodes that encode a concept-word flood twice in all 17 layer variants (minutes on the full-size test CLIP):
 # a smaller flood (still several 77-token sections) proves the same.
-SHORT_FLOOD_NODES = {"MultiConceptResponseWeightedMix"}
+SHORT_FLOOD_NODES = {"MultiConceptResponseWeightedMix", "MultiConceptConceptConductor",
+                     "MultiConceptConceptConductorGuider", "MultiConceptLoRAComposer", "MultiConceptOMGGuider"}  # fmt: skip
 # ...and whole numbers without the values ComfyUI coerces and accepts (3.5 -> 3, True -> 1): those are
 # covered by every other node, and here each accepted value costs a sampling or training run.
 BAD_INT_SAMPLING = ["abc", None, [1], 2**70, -(2**70), math.nan, "1e400"]
@@ -191,6 +198,28 @@ def _providers(ckpt: str) -> dict:
             {**_LORA_COMPOSER, "p_ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}},
             ["p_lc", 0],
         ),  # fmt: skip
+        "OPEN_CLIP_MODEL": (
+            {
+                "p_oc": {
+                    "class_type": "MultiConceptOpenCLIPLoader",
+                    "inputs": {"clip_name": OPEN_CLIP, "architecture": "auto"},
+                }
+            },
+            ["p_oc", 0],
+        ),
+        "EVAL_REFERENCES": (
+            {
+                "p_img": {
+                    "class_type": "EmptyImage",
+                    "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 8421504},
+                },
+                "p_refs": {
+                    "class_type": "MultiConceptEvalReferences",
+                    "inputs": {"label": "cat", "images": ["p_img", 0]},
+                },
+            },
+            ["p_refs", 0],
+        ),  # fmt: skip
         "CONCEPT_STACK": (
             {
                 "p_stack": {
@@ -250,9 +279,11 @@ NODE_LINKS = {
 }  # fmt: skip
 
 # Valid values for widgets whose default would not run here (file pickers).
-GOOD_COMBO = {"edlora_name": EDLORA, "sam_name": SAM, "lora_name": LORA, "fused_name": FUSED}
+GOOD_COMBO = {"edlora_name": EDLORA, "sam_name": SAM, "lora_name": LORA, "fused_name": FUSED, "clip_name": OPEN_CLIP}
 # Valid values for text widgets whose default would not run here.
 GOOD_TEXT = {
+    ("MultiConceptEvalReferences", "label"): "cat",
+    ("MultiConceptScoreConcepts", "prompt"): "a photo of a cat",
     ("MultiConceptStackLoRA", "region_label"): "dog",
     ("MultiConceptStackEDLoRA", "region_label"): "cat",
     ("MultiConceptMixOfShowRegional", "global_prompt"): "a cat and a dog on a sofa",
@@ -342,6 +373,7 @@ def _plain_pixels(server, ckpt: str, prefix: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def fuzz_files(comfy_server):
+    from tests.support.tiny_open_clip import save_tiny_open_clip
     from tests.support.tiny_sam import save_tiny_sam
 
     models = comfy_server.base_dir / "models"
@@ -354,6 +386,7 @@ def fuzz_files(comfy_server):
         str(models / "loras" / LORA),
     )  # fmt: skip
     save_tiny_sam(models / "sams" / SAM)
+    save_tiny_open_clip(models / "open_clip" / OPEN_CLIP, seed=80)
     _save_fused_file(models / "loras" / FUSED)
     return models
 
@@ -401,32 +434,59 @@ def _check_outcome(server, node_id: str, display: str, prompt: dict, what: str) 
     return "failed"
 
 
-def test_every_node_survives_bad_values(comfy_server, tiny_checkpoint, fuzz_files):
-    before = _plain_pixels(comfy_server, tiny_checkpoint, "fuzz_before")
+# Every node of the pack, one test each (so a failure and the durations table name the node). The first test
+# checks this list against what the server lists: a new node must be added here.
+FUZZED_NODES = [
+    "MultiConceptConceptConductor", "MultiConceptConceptConductorGuider", "MultiConceptEDLoRAConvert",
+    "MultiConceptEDLoRALoader", "MultiConceptEvalReferences", "MultiConceptFuseConcepts", "MultiConceptLoRAComposer",
+    "MultiConceptLoRAComposerAttention", "MultiConceptLoadFusedConcepts", "MultiConceptMixOfShowRegional",
+    "MultiConceptOMG", "MultiConceptOMGGuider", "MultiConceptOMGModelConcept", "MultiConceptOMGStage1",
+    "MultiConceptOpenCLIPLoader", "MultiConceptScoreConcepts",
+    "MultiConceptRegionalLoRA", "MultiConceptRegions", "MultiConceptResponseWeightedMix", "MultiConceptSAMLoader",
+    "MultiConceptSAMMasks", "MultiConceptStackEDLoRA", "MultiConceptStackLoRA", "MultiConceptStackLoaded",
+    "MultiConceptTrainEDLoRA",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def plain_before(comfy_server, tiny_checkpoint, fuzz_files):
+    """The plain txt2img image before any fuzzing (compared with the one after, in the last test)."""
+    return _plain_pixels(comfy_server, tiny_checkpoint, "fuzz_before")
+
+
+def test_the_fuzzed_nodes_are_every_node_the_server_lists(comfy_server, plain_before):
+    ours = {k for k in comfy_server.object_info() if k.startswith("MultiConcept")}
+    assert ours == set(FUZZED_NODES), f"add to / remove from FUZZED_NODES: {sorted(ours ^ set(FUZZED_NODES))}"
+
+
+@pytest.mark.parametrize("node_id", FUZZED_NODES)
+def test_node_survives_bad_values(comfy_server, tiny_checkpoint, fuzz_files, plain_before, node_id):
     info = comfy_server.object_info()
-    ours = sorted(k for k in info if k.startswith("MultiConcept"))
-    assert ours, "the pack's nodes are not listed"
-    tally: dict[str, dict[str, int]] = {}
-    for node_id in ours:
-        display = info[node_id]["display_name"]
-        base, widgets = _base_graph(node_id, info[node_id], tiny_checkpoint)
-        # the untouched graph must run: otherwise every "clean failure" below would prove nothing
-        assert _check_outcome(comfy_server, node_id, display, base, f"{node_id} baseline") == "ran"
-        counts = tally.setdefault(node_id, {"refused": 0, "failed": 0, "ran": 0})
-        for name, kind in widgets:
-            values = BAD[kind]
-            if node_id in SAMPLING_NODES:
-                values = {"STRING": BAD_TEXT_SAMPLING, "INT": BAD_INT_SAMPLING}.get(kind, values)
-            if node_id in SHORT_FLOOD_NODES:
-                values = ["<cat1> " * 200 if v == "<cat1> " * 2000 else v for v in values]
-            for value in values:
-                prompt = copy.deepcopy(base)
-                prompt["n"]["inputs"][name] = value
-                what = f"{node_id}.{name} = {value!r:.60}"
-                counts[_check_outcome(comfy_server, node_id, display, prompt, what)] += 1
-                assert comfy_server.get("/system_stats").status_code == 200, what
+    assert node_id in info, f"{node_id} is not listed by the server"
+    display = info[node_id]["display_name"]
+    base, widgets = _base_graph(node_id, info[node_id], tiny_checkpoint)
+    # the untouched graph must run: otherwise every "clean failure" below would prove nothing
+    assert _check_outcome(comfy_server, node_id, display, base, f"{node_id} baseline") == "ran"
+    counts = {"refused": 0, "failed": 0, "ran": 0}
+    first_text = next((name for name, kind in widgets if kind == "STRING"), None)
+    for name, kind in widgets:
+        values = BAD[kind]
+        if node_id in SAMPLING_NODES:
+            values = {"STRING": BAD_TEXT_SAMPLING, "INT": BAD_INT_SAMPLING}.get(kind, values)
+            if name != first_text:
+                values = [v for v in values if not (isinstance(v, str) and v in LONG_TEXT)]
+        if node_id in SHORT_FLOOD_NODES:
+            values = ["<cat1> " * 200 if v == "<cat1> " * 2000 else v for v in values]
+        for value in values:
+            prompt = copy.deepcopy(base)
+            prompt["n"]["inputs"][name] = value
+            what = f"{node_id}.{name} = {value!r:.60}"
+            counts[_check_outcome(comfy_server, node_id, display, prompt, what)] += 1
+            assert comfy_server.get("/system_stats").status_code == 200, what
+    assert not widgets or counts["refused"] + counts["failed"] > 0, (node_id, counts)
+    print(f"fuzz outcomes of {node_id}:", counts)
+
+
+def test_plain_sampling_is_unchanged_after_the_fuzzing(comfy_server, tiny_checkpoint, plain_before):
     after = _plain_pixels(comfy_server, tiny_checkpoint, "fuzz_after")
-    assert np.array_equal(before, after), "a plain prompt gives another image after the fuzzing"
-    total = sum(sum(c.values()) for c in tally.values())
-    assert total >= 100, tally
-    print("fuzz outcomes per node:", tally)
+    assert np.array_equal(plain_before, after), "a plain prompt gives another image after the fuzzing"

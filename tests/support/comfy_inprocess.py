@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .locate import PACK_ROOT, comfyui_version
 
-MODEL_FOLDERS = ("checkpoints", "loras", "sams", "clip_vision", "embeddings")
+MODEL_FOLDERS = ("checkpoints", "loras", "sams", "clip_vision", "embeddings", "open_clip")
 COMFY_TOP_LEVEL = ("nodes", "folder_paths", "execution", "server", "comfy", "comfy_extras", "comfy_api", "utils")
 
 

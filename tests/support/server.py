@@ -4,7 +4,7 @@ Layout of the server's base directory (``--base-directory``)::
 
     custom_nodes/comfyui-multiconcept -> the pack root (a symlink; a copy without .git where links fail)
     models/checkpoints/<tiny checkpoint>  (a hard link to the session's build, else a symlink or copy)
-    models/{loras,sams,clip_vision,embeddings}, input/, output/, temp/, user/
+    models/{loras,sams,clip_vision,embeddings,open_clip}, input/, output/, temp/, user/
     server.log                            (everything ComfyUI prints)
 
 The process runs in its own process group and is stopped (SIGTERM, then SIGKILL) by ``stop()``, by the
@@ -38,6 +38,7 @@ SUBDIRS = (
     "models/sams",
     "models/clip_vision",
     "models/embeddings",
+    "models/open_clip",
     "input",
     "output",
     "temp",
