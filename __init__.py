@@ -2,7 +2,7 @@
 
 ComfyUI imports this package from ``custom_nodes/`` and calls :func:`comfy_entrypoint`.
 Nothing ComfyUI-specific is imported at module level, so the pure-torch parts of the pack
-(``samplers/``, ``training/``) can be imported and unit-tested without a ComfyUI checkout.
+(``formats/``, ``samplers/``, ``training/``) can be imported and unit-tested without a ComfyUI checkout.
 """
 
 WEB_DIRECTORY = "./web"

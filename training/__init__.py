@@ -1,1 +1,1 @@
-"""ED-LoRA training and file formats (pure torch; usable without ComfyUI)."""
+"""ED-LoRA training: losses, dataset, trainable parts, the loop and the command line (file formats: ``formats/``)."""

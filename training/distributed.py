@@ -33,8 +33,8 @@ import sys
 
 import torch
 
+from ..formats.edlora import write_edlora_safetensors
 from .captions import prepare_captions
-from .edlora_file import write_edlora_safetensors
 from .edlora_trainer import EDLoRATrainer, TrainingError, TrainSettings
 from .loop import train
 

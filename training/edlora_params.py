@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .edlora_file import EDLoRAWeights, LoRAPair
+from ..formats.edlora import EDLoRAWeights, LoRAPair
 
 RANDOM_WORD_STD = 0.013
 

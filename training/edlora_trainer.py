@@ -30,13 +30,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..formats.edlora import EDLoRAWeights, validate_concept_words
 from ..samplers.edlora.clip import LAYERWISE_KEY, with_vocabulary
 from ..samplers.edlora.layerwise import cross_attention_order, layer_index
 from ..samplers.edlora.model import FAMILIES, add_layerwise_routing, model_family, text_encoder_prefixes
 from ..samplers.edlora.tokens import MARKER_KEY, is_marker
 from ..samplers.edlora.vocabulary import ConceptEntry, ConceptVocabulary
 from .dataset import fit_images, fit_masks
-from .edlora_file import EDLoRAWeights, validate_concept_words
 from .edlora_params import EDLoRAParameters, initial_embeddings
 from .losses import (
     attention_outside_loss,

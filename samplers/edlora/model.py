@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ...training.edlora_file import EDLoRAFileError, EDLoRAWeights
+from ...formats.edlora import EDLoRAFileError, EDLoRAWeights
 from .clip import LAYERWISE_KEY, concept_vocabulary_of, with_vocabulary
 from .layerwise import LayerwiseTable, cross_attention_order, layer_index, route_layer_context
 from .vocabulary import ConceptEntry, EDLoRAConcept

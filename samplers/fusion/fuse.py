@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...formats.fused import FusedConceptInfo, FusedConcepts
 from ..concept_stack.stack import Concept, ConceptStack
 from ..edlora.clip import LAYERWISE_KEY, concept_vocabulary_of, with_vocabulary
 from ..edlora.layerwise import cross_attention_paths
@@ -43,7 +44,6 @@ from ..edlora.vocabulary import ConceptEntry
 from ..mixofshow.encoding import concept_clip, encode
 from ..prompt_tokens import token_ids
 from ..scoped_lora.adapters import TEXT_ENCODER_PREFIXES
-from .fused_file import FusedConceptInfo, FusedConcepts
 from .moments import MomentAccumulator, input_group, recording
 from .solvers import DEFAULT_RIDGE, SOLVERS, LayerProblem, factor, plain_sum, relative_errors, solve
 
@@ -545,7 +545,7 @@ def fuse_stack(
 
 def fused_stack(fused: FusedConcepts) -> ConceptStack:
     """The stack a fused MODEL/CLIP go with: every concept's words and label, its LoRA marked as fused."""
-    from ...training.edlora_file import EDLoRAWeights
+    from ...formats.edlora import EDLoRAWeights
 
     stack = ConceptStack()
     for info in fused.concepts:

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
+from multiconcept.formats.edlora import _weights_from_tree
+from multiconcept.formats.lora import read_lora_file
+from multiconcept.formats.weights import CheckpointFileError
 from multiconcept.samplers.concept_stack import Concept, ConceptStack, ConceptStackError, LoRAFile
-from multiconcept.samplers.concept_stack.files import read_lora_file
 from multiconcept.samplers.concept_stack.placement import concept_masks, labelled_for_preview
 from multiconcept.samplers.regions import parse_regions
-from multiconcept.training.checkpoint_io import CheckpointFileError
-from multiconcept.training.edlora_file import _weights_from_tree
-from tests.support.edlora_factory import official_edlora
+from tests.support.builders.edlora import official_edlora
 
 
 def edlora_concept(words=("<cat1>", "<cat2>"), label="", seed=0):

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module")
 def oc(tmp_path_factory):
-    from multiconcept.evaluation.open_clip_files import load_open_clip
-    from tests.support.tiny_open_clip import save_tiny_open_clip
+    from multiconcept.evaluation.open_clip_model import load_open_clip
+    from tests.support.builders.open_clip import save_tiny_open_clip
 
     path = save_tiny_open_clip(tmp_path_factory.mktemp("oc") / "tiny.safetensors", seed=3)
     return load_open_clip(path, "auto")
@@ -139,9 +139,10 @@ def test_bad_input_is_refused_with_what_to_do(oc):
 def test_loader_reads_the_open_clip_and_openai_layouts_and_refuses_other_files(tmp_path, oc):
     from safetensors.torch import save_file
 
-    from multiconcept.evaluation.open_clip_files import OpenClipFileError, load_open_clip
+    from multiconcept.evaluation.open_clip_model import load_open_clip
     from multiconcept.evaluation.scores import embed_images
-    from tests.support.tiny_open_clip import build_tiny_open_clip, save_tiny_open_clip
+    from multiconcept.formats.open_clip import OpenClipFileError
+    from tests.support.builders.open_clip import build_tiny_open_clip, save_tiny_open_clip
 
     img = _images(2, 40, 40, 8)
     # a training checkpoint ({"state_dict": {"module.*": ...}}) with its config beside it: the same model

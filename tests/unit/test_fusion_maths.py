@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multiconcept.samplers.fusion.fused_file import (
+from multiconcept.formats.fused import (
     FusedConceptInfo,
     FusedConcepts,
     FusedFileError,
@@ -196,9 +196,9 @@ def test_other_files_are_not_fused_files(tmp_path):
 
 
 def test_single_concept_readers_refuse_a_fused_file(tmp_path):
-    from multiconcept.samplers.concept_stack.files import read_lora_file
-    from multiconcept.training.checkpoint_io import CheckpointFileError
-    from multiconcept.training.edlora_file import EDLoRAFileError, read_edlora
+    from multiconcept.formats.edlora import EDLoRAFileError, read_edlora
+    from multiconcept.formats.lora import read_lora_file
+    from multiconcept.formats.weights import CheckpointFileError
 
     path = write_fused(_fused(), tmp_path / "fused.safetensors")
     with pytest.raises(EDLoRAFileError, match="Load Fused Concepts"):

@@ -37,7 +37,9 @@ def test_pack_imports_without_comfyui():
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("mc", {str(ROOT / "__init__.py")!r}, submodule_search_locations=[{str(ROOT)!r}])
 m = importlib.util.module_from_spec(spec); sys.modules["mc"] = m; spec.loader.exec_module(m)
-import mc.samplers.edlora.layerwise, mc.samplers.edlora.tokens, mc.samplers.edlora.clip, mc.training.edlora_file
+import mc.samplers.edlora.layerwise, mc.samplers.edlora.tokens, mc.samplers.edlora.clip
+import mc.formats.weights, mc.formats.edlora, mc.formats.lora, mc.formats.fused, mc.formats.open_clip
+import mc.formats.convert_edlora, mc.samplers.concept_stack.files
 import mc.samplers.concept_stack.placement, mc.samplers.scoped_lora.runtime, mc.samplers.regions.preview
 assert m.WEB_DIRECTORY == "./web"
 assert not any(k == "comfy" or k.startswith(("comfy.", "comfy_api", "folder_paths")) for k in sys.modules), "ComfyUI imported"

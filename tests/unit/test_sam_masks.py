@@ -17,7 +17,7 @@ from multiconcept.samplers.regions.sam import (
     load_sam,
     masks_for_boxes,
 )
-from tests.support.tiny_sam import (
+from tests.support.builders.sam import (
     assert_matches_reference,
     assert_reference_is_telling,
     build_tiny_sam,

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .weights import CheckpointFileError, read_tensor_file
+
 FORMAT_NAME = "multiconcept.fused"
 FORMAT_VERSION = "1"
 
@@ -113,8 +115,6 @@ def is_fused_metadata(metadata: dict | None) -> bool:
 
 def read_fused(path: str | os.PathLike) -> FusedConcepts:
     """Read a fused-concepts file; FusedFileError when it is something else or damaged."""
-    from ...training.checkpoint_io import CheckpointFileError, read_tensor_file
-
     path = os.fspath(path)
     name = os.path.basename(path)
     try:

@@ -1,16 +1,11 @@
-"""open_clip checkpoints from local files: read safely, check, build the model they fit. Never downloads.
+"""open_clip models from local files: build the model a checkpoint fits and load it. Never downloads.
 
-Formats read (the file's tensors only; nothing in it is run):
-
-* **open_clip / LAION**: a state dict in open_clip's key layout (``visual.*``, ``token_embedding.weight`` or
-  ``text.*``), as ``.safetensors`` (e.g. the Hub's ``open_clip_model.safetensors``), ``.bin``/``.pt``/``.pth``
-  (``open_clip_pytorch_model.bin``), or a training checkpoint (``{"state_dict": ..., "epoch": ...}``, keys
-  prefixed ``module.``). The architecture is named in the node (``ViT-B-32`` ...) or read from a config JSON
-  beside the weights (``<file name>.json``, or the Hub folder's ``open_clip_config.json``).
-* **OpenAI**: the same layout with OpenAI's QuickGELU; with ``auto`` and no config beside it, the architecture
-  (ViT or ModifiedResNet) is read from the tensor shapes, as open_clip does for OpenAI's files. OpenAI's own
-  download is a TorchScript archive, which needs code to load: it is refused with a message saying how to get
-  the plain state dict instead.
+The files themselves (open_clip / LAION and OpenAI layouts, training checkpoints, the config JSON beside
+them, TorchScript refused) are read by ``formats.open_clip``; nothing in them is run. The architecture is
+named in the node (``ViT-B-32`` ...) or read from a config JSON beside the weights (``<file name>.json``, or
+the Hub folder's ``open_clip_config.json``). OpenAI-layout weights get QuickGELU; with ``auto`` and no config
+beside them, the architecture (ViT or ModifiedResNet) is read from the tensor shapes, as open_clip does for
+OpenAI's files.
 
 Architectures whose text tower or tokenizer comes from Hugging Face (``hf_model_name``, ``hf_tokenizer_name``)
 would fetch files at load time, so they are not offered.
@@ -20,21 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from dataclasses import dataclass, field
 
 import torch
 
-from ..training.checkpoint_io import CheckpointFileError, read_tensor_file
+from ..formats.open_clip import HUB_CONFIG, OpenClipFileError, config_beside, read_state_dict
 
 AUTO = "auto"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-HUB_CONFIG = "open_clip_config.json"
-
-
-class OpenClipFileError(ValueError):
-    """A file that cannot be used as an open_clip model; the message names the file and what to do."""
 
 
 @dataclass
@@ -104,76 +93,6 @@ def list_architectures() -> list[str]:
         if isinstance(cfg, dict) and "vision_cfg" in cfg and _needs_download(cfg) is None:
             names.append(entry[: -len(".json")])
     return [AUTO, *sorted(names, key=str.lower)]
-
-
-def _is_torchscript(path: str) -> bool:
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The file's ``{key: tensor}`` in open_clip's layout (training checkpoints and ``module.`` unwrapped)."""
-    name = os.path.basename(path)
-    if _is_torchscript(path):
-        raise OpenClipFileError(
-            f"{name} is a TorchScript archive (OpenAI's original CLIP download), which needs code to load, and "
-            "that is refused for safety. Use the plain weights instead: e.g. open_clip's "
-            "open_clip_model.safetensors for the same model (on the Hugging Face Hub, repo timm/<model>.openai), "
-            "or re-save this one once with torch.jit.load(...).state_dict() and safetensors."
-        )
-    try:
-        content, _, _ = read_tensor_file(path, what="open_clip checkpoint")
-    except CheckpointFileError as e:
-        raise OpenClipFileError(str(e)) from None
-    if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
-        content = content["state_dict"]
-    if not isinstance(content, dict) or not content:
-        raise OpenClipFileError(
-            f"{name} holds no weights dictionary ({type(content).__name__}): not an open_clip checkpoint"
-        )
-    sd = {}
-    for key, value in content.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            continue
-        sd[key[len("module.") :] if key.startswith("module.") else key] = value
-    has_image = any(k.startswith("visual.") for k in sd)
-    has_text = "token_embedding.weight" in sd or any(k.startswith("text.") for k in sd)
-    if not (has_image and has_text):
-        sample = ", ".join(sorted(sd)[:3]) or "no tensors"
-        raise OpenClipFileError(
-            f"{name} is not an open_clip checkpoint: it has no "
-            f"{'image tower (visual.*)' if not has_image else 'text tower (token_embedding / text.*)'} "
-            f"(its keys start: {sample}). An open_clip file holds both towers, e.g. open_clip_model.safetensors."
-        )
-    for key, t in sd.items():
-        if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
-            raise OpenClipFileError(f"{name}: weight '{key}' holds NaN or infinite values; get the file again")
-    return sd
-
-
-def config_beside(path: str) -> tuple[dict, dict] | None:
-    """``(model_cfg, preprocess_cfg)`` from ``<file>.json`` or the folder's ``open_clip_config.json``."""
-    stem = os.path.splitext(path)[0]
-    for candidate in (stem + ".json", os.path.join(os.path.dirname(path), HUB_CONFIG)):
-        if os.path.isfile(candidate):
-            try:
-                with open(candidate, encoding="utf-8") as f:
-                    data = json.load(f)
-            except (OSError, ValueError) as e:
-                raise OpenClipFileError(f"{os.path.basename(candidate)} is not valid JSON: {e}") from None
-            if not isinstance(data, dict):
-                raise OpenClipFileError(f"{os.path.basename(candidate)} does not hold a model config")
-            model_cfg = data.get("model_cfg", data)
-            if not isinstance(model_cfg, dict) or "vision_cfg" not in model_cfg or "text_cfg" not in model_cfg:
-                raise OpenClipFileError(
-                    f"{os.path.basename(candidate)} is not an open_clip model config (it needs embed_dim, "
-                    "vision_cfg and text_cfg)"
-                )
-            return dict(model_cfg), dict(data.get("preprocess_cfg") or {})
-    return None
 
 
 def _build(cfg: dict) -> torch.nn.Module:

@@ -2,7 +2,7 @@
 
 Run from the pack folder::
 
-    python -m training.convert_edlora path/to/concept.pth [out.safetensors] [--words "<cat1> <cat2>"] [--class-word cat]
+    python -m formats.convert_edlora path/to/concept.pth [out.safetensors] [--words "<cat1> <cat2>"] [--class-word cat]
 
 The input is read with ``torch.load(weights_only=True)``: a file that needs pickle code execution is
 refused, never run. An existing output file is never overwritten.
@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from .edlora_file import EDLoRAFileError, default_safetensors_name, read_edlora, write_edlora_safetensors
+from .edlora import EDLoRAFileError, default_safetensors_name, read_edlora, write_edlora_safetensors
 
 
 def convert(src: str, dst: str | None = None, words: str = "", class_word: str = "") -> str:
@@ -31,7 +31,7 @@ def convert(src: str, dst: str | None = None, words: str = "", class_word: str =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.convert_edlora", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m formats.convert_edlora", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="official Mix-of-Show .pth (or one of our .safetensors)")
     parser.add_argument("output", nargs="?", help="output .safetensors (default: next to the source, same name)")
     parser.add_argument("--words", default="", help="rename the concept words, e.g. '<alice1> <alice2>'")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from multiconcept.training.edlora_file import EDLoRAFileError, read_edlora, write_edlora_safetensors
-from tests.support.edlora_factory import official_edlora, save_official_edlora
+from multiconcept.formats.edlora import EDLoRAFileError, read_edlora, write_edlora_safetensors
+from tests.support.builders.edlora import official_edlora, save_official_edlora
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 
@@ -149,7 +149,7 @@ def test_bad_shapes_and_halves_are_refused(tmp_path):
 def test_cli_converts_and_refuses_to_overwrite(tmp_path):
     src = tmp_path / "concept.pth"
     save_official_edlora(src, words=("<p1>", "<p2>"))
-    cmd = [sys.executable, "-m", "training.convert_edlora", str(src), "--class-word", "man"]
+    cmd = [sys.executable, "-m", "formats.convert_edlora", str(src), "--class-word", "man"]
     first = subprocess.run(cmd, cwd=PACK_ROOT, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     out = tmp_path / "concept.safetensors"

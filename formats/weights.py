@@ -1,6 +1,7 @@
 """Reading weight files safely, with errors that say what the file is and what to do.
 
-Every file the pack reads (ED-LoRAs, SAM checkpoints, LoRAs for the concept stack) comes through here:
+Every weights file the pack reads (ED-LoRAs, LoRAs for the concept stack, fused-concepts files, SAM and
+open_clip checkpoints) comes through here:
 
 * ``.safetensors`` (or any file whose first bytes are a safetensors header) via ``safetensors``;
 * PyTorch files (zip archives, or legacy pickles) via ``torch.load(weights_only=True)`` only: a file that

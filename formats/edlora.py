@@ -36,7 +36,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .checkpoint_io import CheckpointFileError, check_weight_tensor, read_tensor_file
+from .fused import FORMAT_NAME as FUSED_FORMAT
+from .weights import CheckpointFileError, check_weight_tensor, read_tensor_file
 
 FORMAT_NAME = "multiconcept.edlora"
 FORMAT_VERSION = "1"
@@ -136,7 +137,7 @@ def read_edlora(path: str | os.PathLike) -> EDLoRAWeights:
         content, metadata, kind = read_tensor_file(path, what="ED-LoRA file")
     except CheckpointFileError as e:
         raise EDLoRAFileError(str(e)) from None
-    if kind == "safetensors" and metadata.get("format") == "multiconcept.fused":
+    if kind == "safetensors" and metadata.get("format") == FUSED_FORMAT:
         raise EDLoRAFileError(
             f"{name} is a fused multi-concept file (from Fuse Concepts), not a single ED-LoRA: load it with the "
             "'Load Fused Concepts' node"

@@ -1,4 +1,4 @@
-"""training/checkpoint_io.py: every kind of broken weights file gets a message that says what it is."""
+"""formats/weights.py: every kind of broken weights file gets a message that says what it is."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from multiconcept.training.checkpoint_io import CheckpointFileError, check_weight_tensor, read_tensor_file
+from multiconcept.formats.weights import CheckpointFileError, check_weight_tensor, read_tensor_file
 
 
 class _TouchOnLoad:
