@@ -18,12 +18,35 @@ from ..samplers.concept_stack.stack import ConceptStackError
 from ..samplers.edlora.model import EDLoRAApplyError
 from ..samplers.mixofshow.plan import RegionalPlanError
 from ..samplers.scoped_lora.adapters import ScopedLoRAError
-from .common import CATEGORY_ROOT, ConceptStackType, NodeError, checked_inputs
+from .common import CATEGORY_METHODS, ConceptStackType, NodeError, checked_inputs
+from .inputs import (
+    cfg_input,
+    image_size_input,
+    prompt_input,
+    sampler_name_input,
+    sampling_steps_input,
+    schedule_share_input,
+    scheduler_input,
+    seed_input,
+)
 from .regions import RegionsType
+from .sampling import check_sampler_names, latent_output, sample_guider
 
-CATEGORY_METHODS = f"{CATEGORY_ROOT}/methods"
 _ERRORS = (ConductorError, ScopedLoRAError, EDLoRAApplyError, RegionalPlanError, ConceptStackError)
 _D = ConductorSettings()
+
+
+def _inputs_model() -> list:
+    """The model and its CLIP, as the Sampler and the Guider take them."""
+    return [
+        io.Model.Input("model", tooltip="The checkpoint's MODEL, without the concepts."),
+        io.Clip.Input("clip", tooltip="The checkpoint's CLIP; each branch's prompt is encoded with its concept."),
+    ]
+
+
+def _input_cfg():
+    """The guidance, as the Sampler and the Guider take it."""
+    return cfg_input(7.5, "Classifier-free guidance of every branch (official: 7.5).")
 
 
 def _inputs_where() -> list:
@@ -40,7 +63,7 @@ def _inputs_where() -> list:
             tooltip="The scene with class words ('a man and a dog ...'): the base branch samples it. Each concept's "
             "branch gets it with every class word replaced by that concept (its words + class word).",
         ),
-        io.String.Input("negative", multiline=True, default="", tooltip="The negative prompt of every branch."),
+        prompt_input("negative", "The negative prompt of every branch."),
         RegionsType.Input(
             "regions",
             optional=True,
@@ -53,14 +76,12 @@ def _inputs_where() -> list:
             optional=True,
             tooltip="Instead of regions: one mask per concept, in stack order, at the image's size.",
         ),
-        io.String.Input(
+        prompt_input(
             "concept_prompts",
-            multiline=True,
-            default="",
-            optional=True,
-            tooltip="Optional: a branch's own prompt, one line per concept ('label: prompt', or plain lines in stack "
+            "Optional: a branch's own prompt, one line per concept ('label: prompt', or plain lines in stack "
             "order). Empty: the concept's box prompt if it has one, else the scene prompt with every class word replaced "
             "by the concept.",
+            optional=True,
         ),
     ]
 
@@ -77,14 +98,10 @@ def _inputs_settings() -> list:
             tooltip="Layout alignment: the step size pulling every branch's self-attention keys toward the "
             "reference's (official: 10 on SD1.5, 30 on SDXL). 0 = no alignment (no reference run either).",
         ),
-        io.Float.Input(
+        schedule_share_input(
             "alignment_end",
-            default=_D.alignment_end,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            optional=True,
-            tooltip="Align during this first share of the steps (official: 60 of 200 on SD1.5 = 0.3, 50 of 200 on SDXL).",
+            _D.alignment_end,
+            "Align during this first share of the steps (official: 60 of 200 on SD1.5 = 0.3, 50 of 200 on SDXL).",
         ),
         io.Int.Input(
             "alignment_every",
@@ -101,24 +118,16 @@ def _inputs_settings() -> list:
             tooltip="On: the masks are re-fitted to each concept's shape from k-means clusters of self-attention "
             "during the middle steps (refine_start..refine_end). Off: the boxes/masks are used as given.",
         ),
-        io.Float.Input(
+        schedule_share_input(
             "refine_start",
-            default=_D.refine_start,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            optional=True,
-            tooltip="Shape-aware masks: first refinement, as a share of the steps (official: 50 of 200 = 0.25).",
-        ),  # fmt: skip
-        io.Float.Input(
+            _D.refine_start,
+            "Shape-aware masks: first refinement, as a share of the steps (official: 50 of 200 = 0.25).",
+        ),
+        schedule_share_input(
             "refine_end",
-            default=_D.refine_end,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            optional=True,
-            tooltip="Shape-aware masks: last refinement, as a share of the steps (official: 80 of 200 = 0.4).",
-        ),  # fmt: skip
+            _D.refine_end,
+            "Shape-aware masks: last refinement, as a share of the steps (official: 80 of 200 = 0.4).",
+        ),
         io.Int.Input(
             "kmeans_restarts",
             default=_D.kmeans_restarts,
@@ -137,6 +146,20 @@ def _inputs_settings() -> list:
             tooltip="A cluster replaces a concept's mask only if it overlaps the old mask this much (IoU); otherwise "
             "the old mask's bounding box is kept.",
         ),  # fmt: skip
+    ]
+
+
+def _conductor_inputs(head: list, reference) -> list:
+    """A Concept Conductor node's inputs, in the order saved workflows rely on: the node's own first inputs, where
+    the concepts go, the layout reference, the settings."""
+    return [*head, *_inputs_where(), reference, *_inputs_settings()]
+
+
+def _conductor_outputs(first, masks_tooltip: str, preview_tooltip: str) -> list:
+    return [
+        first,
+        io.Mask.Output(display_name="masks", tooltip=masks_tooltip),
+        io.Image.Output(display_name="preview", tooltip=preview_tooltip),
     ]
 
 
@@ -186,8 +209,6 @@ class ConceptConductor(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        import comfy.samplers
-
         return io.Schema(
             node_id="MultiConceptConceptConductor",
             display_name="Concept Conductor Sampler",
@@ -197,60 +218,32 @@ class ConceptConductor(io.ComfyNode):
             "call per step; each concept's attention features replace the base branch's inside its mask, and the base "
             "branch's layout is kept close to a reference (the plain scene, or your reference image). Costs a few times "
             "plain sampling. Works like a KSampler: connect an Empty Latent Image and decode the output.",
-            inputs=[
-                io.Model.Input("model", tooltip="The checkpoint's MODEL, without the concepts."),
-                io.Clip.Input(
-                    "clip", tooltip="The checkpoint's CLIP; each branch's prompt is encoded with its concept."
-                ),
-                io.Vae.Input("vae", tooltip="Encodes a reference image and decodes the preview."),
-                io.Latent.Input("latent_image", tooltip="An Empty Latent Image of the size to sample."),
-                io.Int.Input(
-                    "noise_seed",
-                    default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=True,
-                    tooltip="The noise seed.",
-                ),  # fmt: skip
-                io.Int.Input("steps", default=30, min=1, max=1000, tooltip="Sampling steps."),
-                io.Float.Input(
-                    "cfg",
-                    default=7.5,
-                    min=0.0,
-                    max=100.0,
-                    step=0.1,
-                    round=0.01,
-                    tooltip="Classifier-free guidance of every branch (official: 7.5).",
-                ),  # fmt: skip
-                io.Combo.Input(
-                    "sampler_name",
-                    options=comfy.samplers.KSampler.SAMPLERS,
-                    default="euler",
-                    tooltip="With alignment on: one that takes latent steps between steps (euler, ddim, dpmpp_2m, lms, "
-                    "euler_ancestral, ...); others are refused by name.",
-                ),
-                io.Combo.Input(
-                    "scheduler",
-                    options=comfy.samplers.KSampler.SCHEDULERS,
-                    default="normal",
-                    tooltip="The noise schedule.",
-                ),  # fmt: skip
-                *_inputs_where(),
+            inputs=_conductor_inputs(
+                [
+                    *_inputs_model(),
+                    io.Vae.Input("vae", tooltip="Encodes a reference image and decodes the preview."),
+                    io.Latent.Input("latent_image", tooltip="An Empty Latent Image of the size to sample."),
+                    seed_input("noise_seed", "The noise seed."),
+                    sampling_steps_input(30, "Sampling steps."),
+                    _input_cfg(),
+                    sampler_name_input(
+                        "With alignment on: one that takes latent steps between steps (euler, ddim, dpmpp_2m, lms, "
+                        "euler_ancestral, ...); others are refused by name."
+                    ),
+                    scheduler_input(),
+                ],
                 io.Image.Input(
                     "reference_image",
                     optional=True,
                     tooltip="Optional layout reference (e.g. a picture with people and pets where you want them), the "
                     "sampled size. Without it the reference is the plain scene prompt from the same seed.",
                 ),
-                *_inputs_settings(),
-            ],
-            outputs=[
+            ),
+            outputs=_conductor_outputs(
                 io.Latent.Output(display_name="LATENT", tooltip="The picture's latent (decode it)."),
-                io.Mask.Output(
-                    display_name="masks", tooltip="Each concept's final mask, in stack order, at image size."
-                ),
-                io.Image.Output(display_name="preview", tooltip="The final masks over the picture, labelled."),
-            ],
+                "Each concept's final mask, in stack order, at image size.",
+                "The final masks over the picture, labelled.",
+            ),
         )
 
     @classmethod
@@ -261,16 +254,10 @@ class ConceptConductor(io.ComfyNode):
                 alignment_every=_D.alignment_every, shape_masks=_D.shape_masks, refine_start=_D.refine_start,
                 refine_end=_D.refine_end, kmeans_restarts=_D.kmeans_restarts,
                 overlap_threshold=_D.overlap_threshold) -> io.NodeOutput:  # fmt: skip
-        import comfy.sample
         import comfy.samplers
         import comfy.utils
 
-        for name, value, options in (
-            ("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS),
-            ("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS),
-        ):
-            if value not in options:
-                raise NodeError(cls.NAME, f"{name} is {str(value)[:40]!r}; pick one from the list (e.g. {options[0]}).")
+        check_sampler_names(cls.NAME, sampler_name, scheduler)
         samples = latent_image["samples"]
         height, width = int(samples.shape[-2]) * 8, int(samples.shape[-1]) * 8
         settings = _settings(alignment_weight, alignment_end, alignment_every, shape_masks, refine_start, refine_end,
@@ -289,11 +276,9 @@ class ConceptConductor(io.ComfyNode):
             sigmas = comfy.samplers.calculate_sigmas(
                 model.get_model_object("model_sampling"), scheduler, int(steps)
             ).to(torch.float32)  # fmt: skip
-            noise = comfy.sample.prepare_noise(samples, noise_seed, latent_image.get("batch_index"))
             bar = comfy.utils.ProgressBar(int(steps))
-            out = guider.sample(noise, samples, comfy.samplers.sampler_object(sampler_name), sigmas,
-                                callback=lambda step, x0, x, total: bar.update_absolute(step + 1, total),
-                                disable_pbar=True, seed=noise_seed)  # fmt: skip
+            out = sample_guider(guider, latent_image, noise_seed, sampler_name, sigmas,
+                                lambda step, x0, x, total: bar.update_absolute(step + 1, total))  # fmt: skip
         except _ERRORS as e:
             raise NodeError(cls.NAME, str(e)) from None
         except ValueError as e:
@@ -303,10 +288,7 @@ class ConceptConductor(io.ComfyNode):
         final = guider.state.image_masks(height, width)
         image = vae.decode(out[:1].to(samples.device))
         preview = mask_preview(image, final, _labels(concepts))
-        result = dict(latent_image)
-        result["samples"] = out.to(samples.device)
-        result.pop("noise_mask", None)
-        return io.NodeOutput(result, final, preview)
+        return io.NodeOutput(latent_output(latent_image, out.to(samples.device)), final, preview)
 
 
 class ConceptConductorGuider(io.ComfyNode):
@@ -322,47 +304,27 @@ class ConceptConductorGuider(io.ComfyNode):
             "scene's base branch, in one batched model call per step; concept features injected in their masks; the "
             "layout aligned to a reference in the early steps. Use a sampler that takes latent steps (euler, ddim, "
             "dpmpp_2m, ...) while alignment is on.",
-            inputs=[
-                io.Model.Input("model", tooltip="The checkpoint's MODEL, without the concepts."),
-                io.Clip.Input(
-                    "clip", tooltip="The checkpoint's CLIP; each branch's prompt is encoded with its concept."
-                ),
-                io.Float.Input(
-                    "cfg",
-                    default=7.5,
-                    min=0.0,
-                    max=100.0,
-                    step=0.1,
-                    round=0.01,
-                    tooltip="Classifier-free guidance of every branch (official: 7.5).",
-                ),  # fmt: skip
-                io.Int.Input(
-                    "width",
-                    default=512,
-                    min=64,
-                    max=8192,
-                    step=8,
-                    tooltip="The width of the latent you will sample (the masks are checked against it).",
-                ),  # fmt: skip
-                io.Int.Input(
-                    "height", default=512, min=64, max=8192, step=8, tooltip="The height of the latent you will sample."
-                ),  # fmt: skip
-                *_inputs_where(),
+            inputs=_conductor_inputs(
+                [
+                    *_inputs_model(),
+                    _input_cfg(),
+                    image_size_input(
+                        "width", "The width of the latent you will sample (the masks are checked against it)."
+                    ),
+                    image_size_input("height", "The height of the latent you will sample."),
+                ],
                 io.Latent.Input(
                     "reference_latent",
                     optional=True,
                     tooltip="Optional layout reference: a VAE Encode of your picture (the sampled size). Without it the "
                     "reference is the plain scene prompt sampled from the same noise.",
                 ),
-                *_inputs_settings(),
-            ],
-            outputs=[
+            ),
+            outputs=_conductor_outputs(
                 io.Guider.Output(display_name="GUIDER", tooltip="For SamplerCustomAdvanced."),
-                io.Mask.Output(
-                    display_name="masks", tooltip="Each concept's starting mask, in stack order, image size."
-                ),
-                io.Image.Output(display_name="preview", tooltip="The starting masks, labelled."),
-            ],
+                "Each concept's starting mask, in stack order, image size.",
+                "The starting masks, labelled.",
+            ),
         )
 
     @classmethod

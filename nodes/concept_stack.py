@@ -6,23 +6,19 @@ import logging
 
 from comfy_api.latest import io
 
+from ..formats.edlora import EDLoRAFileError, validate_concept_words
+from ..formats.weights import CheckpointFileError
 from ..samplers.concept_stack import Concept, ConceptStack
 from ..samplers.concept_stack.files import load_edlora, load_lora
-from ..training.checkpoint_io import CheckpointFileError
-from ..training.edlora_file import EDLoRAFileError, validate_concept_words
 from .common import (
     CATEGORY_CONCEPTS,
-    EDLORA_SUFFIXES,
-    LORA_SUFFIXES,
     ConceptStackType,
     EDLoRAConceptType,
     NodeError,
-    check_model_file,
     checked_inputs,
     guarded_validation,
-    list_model_files,
-    resolve_model_file,
 )
+from .inputs import EDLORA_FILES, LORA_FILES, strength_input
 
 log = logging.getLogger("multiconcept")
 
@@ -41,9 +37,25 @@ def _stack_outputs():
     ]
 
 
-def _append(stack, concept: Concept) -> tuple[ConceptStack, Concept]:
+def _file_inputs(file_input, strength: float, unet_tooltip: str, text_tooltip: str, words_input) -> list:
+    """The inputs of a node that adds a concept from a file, in the order saved workflows rely on: the file, the
+    strengths of its UNet and text-encoder parts, its region label, the incoming stack, its words, its class word."""
+    return [
+        file_input,
+        strength_input("strength_unet", strength, unet_tooltip),
+        strength_input("strength_text", strength, text_tooltip),
+        io.String.Input("region_label", default="", tooltip=LABEL_TOOLTIP),
+        ConceptStackType.Input("concepts", optional=True, tooltip=STACK_TOOLTIP),
+        words_input,
+        io.String.Input("class_word", default="", optional=True, tooltip=CLASS_TOOLTIP),
+    ]
+
+
+def _stacked(stack, concept: Concept) -> io.NodeOutput:
+    """The node's outputs: the incoming stack plus ``concept``, and the words it got (renamed if an earlier concept
+    of the stack uses them)."""
     new = (stack if stack is not None else ConceptStack()).with_concept(concept)
-    return new, new.concepts[-1]
+    return io.NodeOutput(new, new.concepts[-1].prompt_words)
 
 
 class ConceptStackEDLoRA(io.ComfyNode):
@@ -58,43 +70,31 @@ class ConceptStackEDLoRA(io.ComfyNode):
             description="Adds one ED-LoRA concept (SD1.5: Mix-of-Show .pth; SDXL: Concept Conductor's .pth; or this "
             "pack's .safetensors) to a concept stack, with its region label. Nothing is applied to a model here: the "
             "method node that reads the stack decides where and how the concept acts.",
-            inputs=[
-                io.Combo.Input(
-                    "edlora_name",
-                    options=list_model_files("loras", EDLORA_SUFFIXES),
-                    tooltip="ED-LoRA file from models/loras (read safely: tensors only).",
-                ),
-                io.Float.Input(
-                    "strength_unet", default=0.7, min=-4.0, max=4.0, step=0.01,
-                    tooltip="Scale of the concept's UNet LoRA (Mix-of-Show's alpha; 0.6-0.7 is typical).",
-                ),
-                io.Float.Input(
-                    "strength_text", default=0.7, min=-4.0, max=4.0, step=0.01,
-                    tooltip="Scale of the concept's text-encoder LoRA, used when its region prompt is encoded.",
-                ),
-                io.String.Input("region_label", default="", tooltip=LABEL_TOOLTIP),
-                ConceptStackType.Input("concepts", optional=True, tooltip=STACK_TOOLTIP),
+            inputs=_file_inputs(
+                EDLORA_FILES.input("edlora_name", "ED-LoRA file from models/loras (read safely: tensors only)."),
+                0.7,
+                "Scale of the concept's UNet LoRA (Mix-of-Show's alpha; 0.6-0.7 is typical).",
+                "Scale of the concept's text-encoder LoRA, used when its region prompt is encoded.",
                 io.String.Input(
                     "concept_words", default="", optional=True,
                     tooltip="Optional new prompt words for the concept (as many as the file has, e.g. '<alice1> "
                     "<alice2>'). Words an earlier concept of the stack uses are renamed (see 'words').",
                 ),
-                io.String.Input("class_word", default="", optional=True, tooltip=CLASS_TOOLTIP),
-            ],
+            ),
             outputs=_stack_outputs(),
         )  # fmt: skip
 
     @classmethod
     @guarded_validation(NAME, "edlora_name", "Pick an ED-LoRA file from models/loras.")
     def validate_inputs(cls, edlora_name):
-        return check_model_file(cls.NAME, "loras", edlora_name, "ED-LoRA file")
+        return EDLORA_FILES.check(cls.NAME, edlora_name)
 
     @classmethod
     @checked_inputs(NAME)
     def execute(
         cls, edlora_name, strength_unet, strength_text, region_label, concepts=None, concept_words="", class_word=""
     ) -> io.NodeOutput:
-        path = resolve_model_file(cls.NAME, "loras", edlora_name, "ED-LoRA file")
+        path = EDLORA_FILES.path(cls.NAME, edlora_name)
         try:
             weights = load_edlora(path)
             if concept_words.strip():
@@ -112,8 +112,7 @@ class ConceptStackEDLoRA(io.ComfyNode):
             strength_text=float(strength_text),
             adapter=weights,
         )
-        stack, added = _append(concepts, concept)
-        return io.NodeOutput(stack, added.prompt_words)
+        return _stacked(concepts, concept)
 
 
 class ConceptStackLoRA(io.ComfyNode):
@@ -128,43 +127,33 @@ class ConceptStackLoRA(io.ComfyNode):
             description="Adds one ordinary LoRA (kohya, diffusers, peft or LoCon naming: whatever ComfyUI's Load "
             "LoRA reads) to a concept stack, with its trigger words and region label. Nothing is applied to a "
             "model here: the method node that reads the stack decides where the LoRA acts.",
-            inputs=[
-                io.Combo.Input(
-                    "lora_name",
-                    options=list_model_files("loras", LORA_SUFFIXES),
-                    tooltip="LoRA file from models/loras (.safetensors, or .pt/.pth read safely: tensors only).",
+            inputs=_file_inputs(
+                LORA_FILES.input(
+                    "lora_name", "LoRA file from models/loras (.safetensors, or .pt/.pth read safely: tensors only)."
                 ),
-                io.Float.Input(
-                    "strength_unet", default=1.0, min=-4.0, max=4.0, step=0.01,
-                    tooltip="Scale of the LoRA's UNet part (as strength_model in Load LoRA).",
-                ),
-                io.Float.Input(
-                    "strength_text", default=1.0, min=-4.0, max=4.0, step=0.01,
-                    tooltip="Scale of the LoRA's text-encoder part (as strength_clip in Load LoRA), used when "
-                    "its region prompt is encoded.",
-                ),
-                io.String.Input("region_label", default="", tooltip=LABEL_TOOLTIP),
-                ConceptStackType.Input("concepts", optional=True, tooltip=STACK_TOOLTIP),
+                1.0,
+                "Scale of the LoRA's UNet part (as strength_model in Load LoRA).",
+                "Scale of the LoRA's text-encoder part (as strength_clip in Load LoRA), used when "
+                "its region prompt is encoded.",
                 io.String.Input(
                     "trigger_words", default="", optional=True,
                     tooltip="Optional: the LoRA's trigger words, separated by spaces (what its trainer used).",
                 ),
-                io.String.Input("class_word", default="", optional=True, tooltip=CLASS_TOOLTIP),
-            ],
+            ),
             outputs=_stack_outputs(),
         )  # fmt: skip
 
     @classmethod
     @guarded_validation(NAME, "lora_name", "Pick a LoRA file from models/loras.")
     def validate_inputs(cls, lora_name):
-        return check_model_file(cls.NAME, "loras", lora_name, "LoRA file")
+        return LORA_FILES.check(cls.NAME, lora_name)
 
     @classmethod
     @checked_inputs(NAME)
     def execute(
         cls, lora_name, strength_unet, strength_text, region_label, concepts=None, trigger_words="", class_word=""
     ) -> io.NodeOutput:
-        path = resolve_model_file(cls.NAME, "loras", lora_name, "LoRA file")
+        path = LORA_FILES.path(cls.NAME, lora_name)
         try:
             lora = load_lora(path)
         except CheckpointFileError as e:
@@ -181,8 +170,7 @@ class ConceptStackLoRA(io.ComfyNode):
             strength_text=float(strength_text),
             adapter=lora,
         )
-        stack, added = _append(concepts, concept)
-        return io.NodeOutput(stack, added.prompt_words)
+        return _stacked(concepts, concept)
 
 
 class ConceptStackLoaded(io.ComfyNode):
@@ -230,5 +218,4 @@ class ConceptStackLoaded(io.ComfyNode):
             renamed_from=tuple(concept.renamed_from),
             loader_uid=concept.uid,
         )
-        stack, added = _append(concepts, item)
-        return io.NodeOutput(stack, added.prompt_words)
+        return _stacked(concepts, item)

@@ -7,20 +7,13 @@ from dataclasses import replace
 
 from comfy_api.latest import io, ui
 
-from ..training.edlora_file import EDLoRAFileError, default_safetensors_name, read_edlora, write_edlora_safetensors
-from .common import (
-    CATEGORY_EDLORA,
-    PICKLE_SUFFIXES,
-    NodeError,
-    check_model_file,
-    checked_inputs,
-    guarded_validation,
-    list_model_files,
-    resolve_model_file,
-)
+from ..formats.edlora import EDLoRAFileError, default_safetensors_name, read_edlora, write_edlora_safetensors
+from .common import CATEGORY_EDLORA, PICKLE_SUFFIXES, NodeError, checked_inputs, guarded_validation
+from .inputs import ModelFiles
 from .validation import check_output_name
 
 NODE_NAME = "ED-LoRA Convert"
+PICKLED_EDLORA_FILES = ModelFiles("loras", PICKLE_SUFFIXES, "ED-LoRA file")
 
 
 class EDLoRAConvert(io.ComfyNode):
@@ -33,14 +26,10 @@ class EDLoRAConvert(io.ComfyNode):
             description=(
                 "Reads an official Mix-of-Show ED-LoRA .pth safely (tensors only; files that need pickle code are "
                 "refused) and writes the same concept as .safetensors in the same models/loras folder. Existing "
-                "files are never overwritten. Same as: python -m training.convert_edlora <file>."
+                "files are never overwritten. Same as: python -m formats.convert_edlora <file>."
             ),
             inputs=[
-                io.Combo.Input(
-                    "edlora_name",
-                    options=list_model_files("loras", PICKLE_SUFFIXES),
-                    tooltip="The .pth/.pt/.bin ED-LoRA in models/loras to convert.",
-                ),
+                PICKLED_EDLORA_FILES.input("edlora_name", "The .pth/.pt/.bin ED-LoRA in models/loras to convert."),
                 io.String.Input(
                     "output_name",
                     default="",
@@ -67,12 +56,12 @@ class EDLoRAConvert(io.ComfyNode):
     @classmethod
     @guarded_validation(NODE_NAME, "edlora_name", "Pick a .pth ED-LoRA file from models/loras.")
     def validate_inputs(cls, edlora_name):
-        return check_model_file(NODE_NAME, "loras", edlora_name, "ED-LoRA file")
+        return PICKLED_EDLORA_FILES.check(NODE_NAME, edlora_name)
 
     @classmethod
     @checked_inputs(NODE_NAME)
     def execute(cls, edlora_name, output_name, concept_words="", class_word="") -> io.NodeOutput:
-        src = resolve_model_file(NODE_NAME, "loras", edlora_name, "ED-LoRA file")
+        src = PICKLED_EDLORA_FILES.path(NODE_NAME, edlora_name)
         name = output_name.strip() or default_safetensors_name(src)
         name = check_output_name(NODE_NAME, "output_name", name)
         if not name.lower().endswith(".safetensors"):

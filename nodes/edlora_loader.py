@@ -2,43 +2,15 @@
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
-
 from comfy_api.latest import io
 
+from ..formats.edlora import EDLoRAFileError
+from ..samplers.concept_stack.files import load_edlora  # parsed once per file version: chained loaders reuse it
 from ..samplers.edlora.model import EDLoRAApplyError, apply_edlora
-from ..training.edlora_file import EDLoRAFileError, EDLoRAWeights, read_edlora
-from .common import (
-    CATEGORY_EDLORA,
-    EDLORA_SUFFIXES,
-    EDLoRAConceptType,
-    NodeError,
-    check_model_file,
-    checked_inputs,
-    guarded_validation,
-    list_model_files,
-    resolve_model_file,
-)
+from .common import CATEGORY_EDLORA, EDLoRAConceptType, NodeError, checked_inputs, guarded_validation
+from .inputs import EDLORA_FILES, strength_input
 
 NODE_NAME = "ED-LoRA Loader"
-
-# Parsed files, keyed by (path, size, mtime): chained loaders and re-runs with other strengths reuse them.
-_CACHE: OrderedDict[tuple, EDLoRAWeights] = OrderedDict()
-_CACHE_SIZE = 8
-
-
-def load_weights(path: str) -> EDLoRAWeights:
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    weights = read_edlora(path)
-    _CACHE[key] = weights
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return weights
 
 
 class EDLoRALoader(io.ComfyNode):
@@ -65,28 +37,21 @@ class EDLoRALoader(io.ComfyNode):
                     "clip",
                     tooltip="The CLIP of the same checkpoint (SDXL: CLIP-L and CLIP-G); it learns the concept words.",
                 ),
-                io.Combo.Input(
+                EDLORA_FILES.input(
                     "edlora_name",
-                    options=list_model_files("loras", EDLORA_SUFFIXES),
-                    tooltip="ED-LoRA file from models/loras: an official Mix-of-Show .pth (SD1.5), a Concept "
+                    "ED-LoRA file from models/loras: an official Mix-of-Show .pth (SD1.5), a Concept "
                     "Conductor SDXL .pth (both loaded safely, tensors only) or a .safetensors made by this pack.",
                 ),
-                io.Float.Input(
+                strength_input(
                     "strength_unet",
-                    default=0.7,
-                    min=-4.0,
-                    max=4.0,
-                    step=0.01,
-                    tooltip="Scale of the UNet LoRA (Mix-of-Show's inference alpha; 0.6-0.7 is typical). "
+                    0.7,
+                    "Scale of the UNet LoRA (Mix-of-Show's inference alpha; 0.6-0.7 is typical). "
                     "0 leaves the UNet weights untouched.",
                 ),
-                io.Float.Input(
+                strength_input(
                     "strength_text",
-                    default=0.7,
-                    min=-4.0,
-                    max=4.0,
-                    step=0.01,
-                    tooltip="Scale of the text-encoder LoRA (Mix-of-Show's inference alpha; on SDXL both CLIP-L "
+                    0.7,
+                    "Scale of the text-encoder LoRA (Mix-of-Show's inference alpha; on SDXL both CLIP-L "
                     "and CLIP-G). 0 leaves the text encoder weights untouched; the concept words still work.",
                 ),
                 io.String.Input(
@@ -120,16 +85,16 @@ class EDLoRALoader(io.ComfyNode):
     @classmethod
     @guarded_validation(NODE_NAME, "edlora_name", "Pick an ED-LoRA file from models/loras.")
     def validate_inputs(cls, edlora_name):
-        return check_model_file(NODE_NAME, "loras", edlora_name, "ED-LoRA file")
+        return EDLORA_FILES.check(NODE_NAME, edlora_name)
 
     @classmethod
     @checked_inputs(NODE_NAME)
     def execute(
         cls, model, clip, edlora_name, strength_unet, strength_text, concept_words="", class_word=""
     ) -> io.NodeOutput:
-        path = resolve_model_file(NODE_NAME, "loras", edlora_name, "ED-LoRA file")
+        path = EDLORA_FILES.path(NODE_NAME, edlora_name)
         try:
-            weights = load_weights(path)
+            weights = load_edlora(path)
             words = tuple(concept_words.split()) if concept_words and concept_words.strip() else None
             new_model, new_clip, concept = apply_edlora(
                 model,

@@ -4,12 +4,11 @@ references (CLIP-I, CLIP-T, SID's SA / NSD) as a table, JSON and a chart. The wo
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from comfy_api.latest import io, ui
 
-from ..evaluation.open_clip_files import AUTO, OpenClipFileError, list_architectures, load_open_clip
+from ..evaluation.open_clip_model import AUTO, list_architectures, load_open_clip
 from ..evaluation.report import chart_image, markdown_table, scores_json
 from ..evaluation.scores import (
     ConceptReference,
@@ -18,23 +17,22 @@ from ..evaluation.scores import (
     checked_reference,
     score_images,
 )
+from ..formats.open_clip import OpenClipFileError
 from .common import (
     CATEGORY_ROOT,
     ConceptStackType,
     NodeError,
-    check_model_file,
     checked_inputs,
     guarded_validation,
-    list_model_files,
-    resolve_model_file,
+    register_model_folder,
 )
+from .inputs import ModelFiles, prompt_input
 from .regions import RegionsType
 
 log = logging.getLogger("multiconcept")
 
 CATEGORY_EVALUATION = f"{CATEGORY_ROOT}/evaluation"
-OPEN_CLIP_FOLDER = "open_clip"
-OPEN_CLIP_SUFFIXES = (".safetensors", ".sft", ".bin", ".pt", ".pth")
+OPEN_CLIP_FILES = ModelFiles("open_clip", (".safetensors", ".sft", ".bin", ".pt", ".pth"), "open_clip model")
 LOADER_NAME = "Load open_clip Model"
 REFERENCES_NAME = "Evaluation References"
 SCORE_NAME = "Score Concepts"
@@ -44,14 +42,7 @@ ReferencesType = io.Custom("EVAL_REFERENCES")
 ScoresType = io.Custom("EVAL_SCORES")
 
 
-def _register_open_clip_folder():
-    import folder_paths
-
-    if OPEN_CLIP_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(OPEN_CLIP_FOLDER, os.path.join(folder_paths.models_dir, OPEN_CLIP_FOLDER))
-
-
-_register_open_clip_folder()
+register_model_folder(OPEN_CLIP_FILES.folder)
 
 
 def _architecture_problem(architecture) -> str | None:
@@ -73,10 +64,9 @@ class OpenClipLoader(io.ComfyNode):
             "Score Concepts node. Nothing is downloaded: put the weights there yourself (e.g. open_clip's "
             "open_clip_model.safetensors of ViT-B-32 or ViT-L-14, renamed as you like).",
             inputs=[
-                io.Combo.Input(
+                OPEN_CLIP_FILES.input(
                     "clip_name",
-                    options=list_model_files(OPEN_CLIP_FOLDER, OPEN_CLIP_SUFFIXES),
-                    tooltip="open_clip weights in models/open_clip: .safetensors, or .bin/.pt/.pth state dicts and "
+                    "open_clip weights in models/open_clip: .safetensors, or .bin/.pt/.pth state dicts and "
                     "training checkpoints (read safely, tensors only). OpenAI's own .pt download is TorchScript "
                     "and is refused; use the plain weights of the same model.",
                 ),
@@ -96,7 +86,7 @@ class OpenClipLoader(io.ComfyNode):
     @guarded_validation(LOADER_NAME, "clip_name", "Pick an open_clip file from models/open_clip.")
     def validate_inputs(cls, clip_name):
         # only clip_name: an input named here loses ComfyUI's own checks (the architecture combo keeps them)
-        return check_model_file(cls.NAME, OPEN_CLIP_FOLDER, clip_name, "open_clip model")
+        return OPEN_CLIP_FILES.check(cls.NAME, clip_name)
 
     @classmethod
     @checked_inputs(LOADER_NAME)
@@ -104,7 +94,7 @@ class OpenClipLoader(io.ComfyNode):
         problem = _architecture_problem(architecture)
         if problem:
             raise NodeError(cls.NAME, problem)
-        path = resolve_model_file(cls.NAME, OPEN_CLIP_FOLDER, clip_name, "open_clip model")
+        path = OPEN_CLIP_FILES.path(cls.NAME, clip_name)
         try:
             clip = load_open_clip(path, architecture)
         except OpenClipFileError as e:
@@ -158,13 +148,11 @@ class EvaluationReferences(io.ComfyNode):
                     tooltip="The words that name the concept in prompts (e.g. <cat1> <cat2>), replaced by the class "
                     "word for CLIP-T. Empty: taken from the concept stack.",
                 ),
-                io.String.Input(
+                prompt_input(
                     "prompt",
-                    default="",
-                    optional=True,
-                    multiline=True,
-                    tooltip="The concept's own prompt, for its per-concept CLIP-T on its crop. Empty: its box's "
+                    "The concept's own prompt, for its per-concept CLIP-T on its crop. Empty: its box's "
                     "prompt in the regions, else 'a photo of a <class word>'.",
+                    optional=True,
                 ),
                 ReferencesType.Input("references", optional=True, tooltip="References of the other concepts (chain)."),
             ],
@@ -249,11 +237,9 @@ class ScoreConcepts(io.ComfyNode):
                 io.Image.Input(
                     "images", tooltip="The generated images (a batch: every image is scored, then averaged)."
                 ),
-                io.String.Input(
+                prompt_input(
                     "prompt",
-                    multiline=True,
-                    default="",
-                    tooltip="The prompt the images were made from; concept words are replaced by class words before "
+                    "The prompt the images were made from; concept words are replaced by class words before "
                     "CLIP-T. Empty: CLIP-T is not measured.",
                 ),
                 ReferencesType.Input("references", tooltip="Each concept's references (Evaluation References nodes)."),

@@ -8,6 +8,7 @@ import os
 
 from comfy_api.latest import io, ui
 
+from ..formats.fused import FusedFileError, read_fused, write_fused
 from ..samplers.edlora.model import EDLoRAApplyError
 from ..samplers.fusion.fuse import (
     DEFAULT_TEMPLATES,
@@ -18,7 +19,6 @@ from ..samplers.fusion.fuse import (
     base_mismatch,
     fuse_stack,
 )
-from ..samplers.fusion.fused_file import FusedFileError, read_fused, write_fused
 from ..samplers.fusion.report import residual_plot, residual_table, summary
 from ..samplers.fusion.solvers import SOLVERS
 from ..samplers.mixofshow.plan import RegionalPlanError
@@ -27,13 +27,13 @@ from .common import (
     CATEGORY_CONCEPTS,
     ConceptStackType,
     NodeError,
-    check_model_file,
+    NodeProgress,
     checked_inputs,
+    free_path,
     guarded_validation,
-    list_model_files,
-    resolve_model_file,
+    loras_dir,
 )
-from .training import _node_id, _progress_text, free_path, loras_dir
+from .inputs import ModelFiles
 from .validation import check_output_name
 
 log = logging.getLogger("multiconcept")
@@ -41,6 +41,7 @@ log = logging.getLogger("multiconcept")
 FUSE_NAME = "Fuse Concepts"
 LOAD_NAME = "Load Fused Concepts"
 FUSED_SUFFIXES = (".safetensors", ".sft")
+FUSED_FILES = ModelFiles("loras", FUSED_SUFFIXES, "fused-concepts file")
 DEFAULT_TEMPLATE_TEXT = "\n".join(DEFAULT_TEMPLATES)
 
 
@@ -129,8 +130,6 @@ class FuseConcepts(io.ComfyNode):
     @checked_inputs(FUSE_NAME)
     def execute(cls, model, clip, concepts, solver, save_name, sample_steps, sample_size, record_seed,
                 prompt_templates=DEFAULT_TEMPLATE_TEXT, save_precision="fp16") -> io.NodeOutput:  # fmt: skip
-        import comfy.utils
-
         stem = check_output_name(FUSE_NAME, "save_name", save_name)
         if stem.lower().endswith(FUSED_SUFFIXES):
             stem = os.path.splitext(stem)[0]
@@ -148,12 +147,10 @@ class FuseConcepts(io.ComfyNode):
             raise NodeError(FUSE_NAME, f"sample_size {sample_size} is not a multiple of 8.")
         settings = FusionSettings(solver=solver, templates=templates, steps=sample_steps, width=sample_size,
                                   height=sample_size, seed=record_seed, save_dtype=save_precision)  # fmt: skip
-        bar = comfy.utils.ProgressBar(1)
-        node_id = _node_id()
+        bar = NodeProgress(1)
 
         def progress(done, total, text):
-            bar.update_absolute(done, total)
-            _progress_text(node_id, f"{text} ({done}/{total})")
+            bar.update(done, total, f"{text} ({done}/{total})")
 
         try:
             run = fuse_stack(model, clip, concepts, settings, progress)
@@ -187,11 +184,7 @@ class LoadFusedConcepts(io.ComfyNode):
             description="Loads a file saved by Fuse Concepts onto the checkpoint it was fused on: the fused MODEL and "
             "CLIP (every concept's words known) and the concepts for Mix-of-Show Regional Sampling.",
             inputs=[
-                io.Combo.Input(
-                    "fused_name",
-                    options=list_model_files("loras", FUSED_SUFFIXES),
-                    tooltip="A fused-concepts file from models/loras (saved by Fuse Concepts).",
-                ),
+                FUSED_FILES.input("fused_name", "A fused-concepts file from models/loras (saved by Fuse Concepts)."),
                 io.Model.Input("model", tooltip="The MODEL of the checkpoint the concepts were fused on."),
                 io.Clip.Input("clip", tooltip="That checkpoint's CLIP."),
             ],
@@ -201,12 +194,12 @@ class LoadFusedConcepts(io.ComfyNode):
     @classmethod
     @guarded_validation(LOAD_NAME, "fused_name", "Pick a fused-concepts file from models/loras.")
     def validate_inputs(cls, fused_name):
-        return check_model_file(cls.NAME, "loras", fused_name, "fused-concepts file")
+        return FUSED_FILES.check(cls.NAME, fused_name)
 
     @classmethod
     @checked_inputs(LOAD_NAME)
     def execute(cls, fused_name, model, clip) -> io.NodeOutput:
-        path = resolve_model_file(cls.NAME, "loras", fused_name, "fused-concepts file")
+        path = FUSED_FILES.path(cls.NAME, fused_name)
         try:
             fused = read_fused(path)
             new_model, new_clip, stack = apply_fused(model, clip, fused)

@@ -16,15 +16,21 @@ from ..samplers.lora_composer.guider import (
 )
 from ..samplers.lora_composer.preview import draw_attention_maps, pick_steps
 from ..samplers.mixofshow.sampling import REGIONAL_KEY
-from .common import ConceptStackType, NodeError, checked_inputs
-from .mixofshow_regional import ADAPTER_MODES, CATEGORY_METHODS, build_regional
-from .regions import RegionsType
+from .common import CATEGORY_METHODS, NodeError, checked_inputs
+from .inputs import cfg_input, schedule_share_input
+from .mixofshow_regional import build_regional, regional_concept_inputs, regional_inputs
 
 _DEFAULTS = ComposerSettings()
 
 
-def _weight(name, default, tooltip, maximum=100.0, step=0.1):
+def _setting(name, default, tooltip, maximum=100.0, step=0.1):
+    """An optional number setting from 0 (a loss weight unless told)."""
     return io.Float.Input(name, default=default, min=0.0, max=maximum, step=step, optional=True, tooltip=tooltip)
+
+
+def _switch(name, tooltip):
+    """An optional on/off setting, on by default."""
+    return io.Boolean.Input(name, default=True, optional=True, tooltip=tooltip)
 
 
 class LoRAComposer(io.ComfyNode):
@@ -41,107 +47,75 @@ class LoRAComposer(io.ComfyNode):
             "steps) and two concepts merging (positions in one box cannot attend to another box). Built on "
             "Mix-of-Show regional sampling; connect the GUIDER to SamplerCustomAdvanced (euler, dpmpp_2m, ...).",
             inputs=[
-                io.Model.Input("model", tooltip="The checkpoint's MODEL (SD1.x, SD2.x or SDXL)."),
-                io.Clip.Input("clip", tooltip="The checkpoint's CLIP; each box's prompt is encoded with it."),
-                RegionsType.Input(
-                    "regions",
-                    tooltip="From the Regions node (or SAM Masks): a box per concept, its prompt naming the "
+                *regional_inputs(
+                    "The checkpoint's MODEL (SD1.x, SD2.x or SDXL).",
+                    "From the Regions node (or SAM Masks): a box per concept, its prompt naming the "
                     "concept's words (or class word). Draw them at the size you sample.",
+                    "The whole scene, e.g. 'a man and a dog in a park'. Governs everything outside the boxes.",
+                    "Negative prompt for the image and the boxes.",
                 ),
-                io.String.Input(
-                    "global_prompt",
-                    multiline=True,
-                    default="",
-                    tooltip="The whole scene, e.g. 'a man and a dog in a park'. Governs everything outside the boxes.",
-                ),  # fmt: skip
-                io.String.Input(
-                    "global_negative",
-                    multiline=True,
-                    default="",
-                    tooltip="Negative prompt for the image and the boxes.",
-                ),  # fmt: skip
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance."),
-                ConceptStackType.Input(
-                    "concepts",
-                    optional=True,
-                    tooltip="The concepts (ED-LoRAs, LoRAs) from the Concept Stack nodes; each goes to the box with "
+                cfg_input(7.5, "Classifier-free guidance.", rounding=None),
+                *regional_concept_inputs(
+                    "The concepts (ED-LoRAs, LoRAs) from the Concept Stack nodes; each goes to the box with "
                     "its region label (or whose prompt names its words).",
-                ),
-                io.Combo.Input(
-                    "adapters",
-                    options=list(ADAPTER_MODES),
-                    default="scoped",
-                    optional=True,
-                    tooltip="scoped: each concept's UNet LoRA acts only inside its box. merged: every LoRA everywhere. "
+                    "scoped: each concept's UNet LoRA acts only inside its box. merged: every LoRA everywhere. "
                     "already applied: the MODEL/CLIP carry the concepts (e.g. a fused model).",
-                ),  # fmt: skip
-                _weight(
+                ),
+                _setting(
                     "enhancement",
                     _DEFAULTS.enhancement,
                     "Concept enhancement: weight of the top-k loss that pulls each concept's word attention into "
                     "the centre of its box (official 8). 0 turns it off.",
                 ),  # fmt: skip
-                _weight(
+                _setting(
                     "fill",
                     _DEFAULTS.fill,
                     "Weight of the fill loss: every row and column of the box should hold a strong response, so the "
                     "concept fills its box (official 2). 0 turns it off.",
                 ),  # fmt: skip
-                _weight(
+                _setting(
                     "region",
                     _DEFAULTS.region,
                     "Weight of the region loss on self-attention that leaves a concept's box (official 10). "
                     "0 turns it off.",
                 ),  # fmt: skip
-                io.Float.Input(
+                _setting(
                     "step_size",
-                    default=_DEFAULTS.step_size,
-                    min=0.0,
-                    max=1000.0,
-                    step=0.5,
-                    optional=True,
-                    tooltip="Size of the latent step per denoising step (official 20, decaying as sqrt(1 -> 0.5) over "
+                    _DEFAULTS.step_size,
+                    "Size of the latent step per denoising step (official 20, decaying as sqrt(1 -> 0.5) over "
                     "the schedule). 0: no latent steps (no extra passes).",
-                ),  # fmt: skip
-                io.Float.Input(
+                    1000.0,
+                    0.5,
+                ),
+                schedule_share_input(
                     "refine_until",
-                    default=_DEFAULTS.refine_until,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    optional=True,
-                    tooltip="Latent steps run until this fraction of the schedule (official: step 25 of 50 = 0.5). "
+                    _DEFAULTS.refine_until,
+                    "Latent steps run until this fraction of the schedule (official: step 25 of 50 = 0.5). "
                     "Each costs about one extra model pass.",
-                ),  # fmt: skip
-                io.Boolean.Input(
+                ),
+                _switch(
                     "stop_when_loss_rises",
-                    default=True,
-                    optional=True,
-                    tooltip="Stop the latent steps for good at the first step (after the first tenth) where the loss "
+                    "Stop the latent steps for good at the first step (after the first tenth) where the loss "
                     "rose (the official rule).",
-                ),  # fmt: skip
-                io.Boolean.Input(
+                ),
+                _switch(
                     "isolation",
-                    default=True,
-                    optional=True,
-                    tooltip="Concept isolation: in every self-attention layer, positions in one box cannot attend "
+                    "Concept isolation: in every self-attention layer, positions in one box cannot attend "
                     "to another box (the background stays free). Keeps concepts from merging.",
-                ),  # fmt: skip
-                io.Boolean.Input(
+                ),
+                _switch(
                     "reinitialise",
-                    default=True,
-                    optional=True,
-                    tooltip="Before sampling, move the patch of noise each concept already favours into its box (one "
+                    "Before sampling, move the patch of noise each concept already favours into its box (one "
                     "extra model pass), then restore the noise's statistics.",
-                ),  # fmt: skip
-                _weight(
+                ),
+                _setting(
                     "top_k_ratio",
                     _DEFAULTS.top_k_ratio,
                     "Share of the box's cells the top-k losses average (official 0.2).",
                     1.0,
                     0.01,
                 ),  # fmt: skip
-                _weight(
+                _setting(
                     "smoothing",
                     _DEFAULTS.smooth_sigma,
                     "Sigma of the 3x3 Gaussian that smooths the attention maps before the losses (official 0.5; "

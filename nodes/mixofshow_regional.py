@@ -32,14 +32,39 @@ from ..samplers.mixofshow.sampling import (
 from ..samplers.regions.preview import draw_regions
 from ..samplers.scoped_lora.adapters import TEXT_ENCODER_PREFIXES, ResolvedConcept, ScopedLoRAError, resolve_concept
 from ..samplers.scoped_lora.runtime import Scope, ScopedConcept, install_scoped_lora
-from .common import CATEGORY_ROOT, ConceptStackType, NodeError, checked_inputs
+from .common import CATEGORY_METHODS, TOKENIZER_ERRORS, ConceptStackType, NodeError, checked_inputs, encoding_error
+from .inputs import prompt_input
 from .regions import RegionsType
 
 log = logging.getLogger("multiconcept")
 
-CATEGORY_METHODS = f"{CATEGORY_ROOT}/methods"
 ADAPTER_MODES = ("scoped", "merged", "already applied")
 _ATTN2_KV = re.compile(r"\.attn2\.to_[kv]$")
+
+
+# The inputs build_regional reads, as the regional nodes (Mix-of-Show, LoRA-Composer) declare them; each node words
+# its own tooltips.
+
+
+def regional_inputs(model_tooltip: str, regions_tooltip: str, prompt_tooltip: str, negative_tooltip: str) -> list:
+    """The model, CLIP, boxes and global prompts: a regional node's first inputs."""
+    return [
+        io.Model.Input("model", tooltip=model_tooltip),
+        io.Clip.Input("clip", tooltip="The checkpoint's CLIP; each box's prompt is encoded with it."),
+        RegionsType.Input("regions", tooltip=regions_tooltip),
+        prompt_input("global_prompt", prompt_tooltip),
+        prompt_input("global_negative", negative_tooltip),
+    ]
+
+
+def regional_concept_inputs(concepts_tooltip: str, adapters_tooltip: str) -> list:
+    """The optional concept stack and how its adapters act (ADAPTER_MODES)."""
+    return [
+        ConceptStackType.Input("concepts", optional=True, tooltip=concepts_tooltip),
+        io.Combo.Input(
+            "adapters", options=list(ADAPTER_MODES), default="scoped", optional=True, tooltip=adapters_tooltip
+        ),
+    ]
 
 
 class MixOfShowRegional(io.ComfyNode):
@@ -56,43 +81,20 @@ class MixOfShowRegional(io.ComfyNode):
             "a box attend to that box's own prompt, encoded with only that box's concept. Connect MODEL, positive "
             "and negative to a stock KSampler (or SamplerCustomAdvanced); one UNet pass per step.",
             inputs=[
-                io.Model.Input(
-                    "model",
-                    tooltip="The checkpoint's MODEL (SD1.x, SD2.x or SDXL). LoRA loaders may come before this node; "
+                *regional_inputs(
+                    "The checkpoint's MODEL (SD1.x, SD2.x or SDXL). LoRA loaders may come before this node; "
                     "apply ControlNets to this node's positive/negative outputs.",
-                ),
-                io.Clip.Input("clip", tooltip="The checkpoint's CLIP; each box's prompt is encoded with it."),
-                RegionsType.Input(
-                    "regions",
-                    tooltip="From the Regions node (or SAM Masks, for object masks): each box's prompt, negative and "
+                    "From the Regions node (or SAM Masks, for object masks): each box's prompt, negative and "
                     "label. Draw them at the size you sample.",
-                ),
-                io.String.Input(
-                    "global_prompt",
-                    multiline=True,
-                    default="",
-                    tooltip="The whole scene, e.g. 'a man and a dog sitting on a sofa, living room'. Class words are "
+                    "The whole scene, e.g. 'a man and a dog sitting on a sofa, living room'. Class words are "
                     "safest; concept words are allowed. It governs everything outside the boxes.",
+                    "Negative prompt for the whole image, and for boxes whose own negative is empty.",
                 ),
-                io.String.Input(
-                    "global_negative",
-                    multiline=True,
-                    default="",
-                    tooltip="Negative prompt for the whole image, and for boxes whose own negative is empty.",
-                ),
-                ConceptStackType.Input(
-                    "concepts",
-                    optional=True,
-                    tooltip="Optional: the concepts (ED-LoRAs, LoRAs) from the Concept Stack nodes. A concept goes "
+                *regional_concept_inputs(
+                    "Optional: the concepts (ED-LoRAs, LoRAs) from the Concept Stack nodes. A concept goes "
                     "to the box with its region label (or, without a label, to the box whose prompt names its "
                     "words). Without concepts this is plain regional prompting.",
-                ),
-                io.Combo.Input(
-                    "adapters",
-                    options=list(ADAPTER_MODES),
-                    default="scoped",
-                    optional=True,
-                    tooltip="scoped: each concept's UNet LoRA acts only inside its box (no bleeding). merged: every "
+                    "scoped: each concept's UNet LoRA acts only inside its box (no bleeding). merged: every "
                     "concept's LoRA on the whole image (the original with several LoRAs). already applied: the "
                     "MODEL/CLIP already carry the concepts (e.g. a fused model); only their words are used.",
                 ),
@@ -173,10 +175,8 @@ def build_regional(node, model, clip, regions, global_prompt, global_negative, c
         install_regional_attention(clone, node)
     except (RegionalPlanError, RegionalSamplingError, ScopedLoRAError, EDLoRAApplyError) as e:
         raise NodeError(node, str(e)) from None
-    except (ValueError, RecursionError, IndexError, KeyError, TypeError) as e:  # the tokenizer on odd text
-        raise NodeError(
-            node, f"the prompts could not be encoded ({type(e).__name__}: {str(e)[:200]}). Check the prompts."
-        ) from None
+    except TOKENIZER_ERRORS as e:
+        raise encoding_error(node, e, "the prompts") from None
     if any(LAYERWISE_KEY in d for _, d in positive):
         add_layerwise_routing(clone)
     layout = RegionalLayout(

@@ -35,13 +35,14 @@ from ..samplers.omg.stages import (
     with_labels,
 )
 from ..samplers.scoped_lora.adapters import ScopedLoRAError
-from .common import CATEGORY_ROOT, ConceptStackType, NodeError, checked_inputs
+from .common import CATEGORY_METHODS, ConceptStackType, NodeError, checked_inputs
+from .inputs import cfg_input, prompt_input, sampler_name_input, sampling_steps_input, scheduler_input, seed_input
 from .regions import RegionsType
 from .sam import SamModelType
+from .sampling import check_sampler_names, latent_output, sample_guider
 
 log = logging.getLogger("multiconcept")
 
-CATEGORY_METHODS = f"{CATEGORY_ROOT}/methods"
 OMGLayoutType = io.Custom("OMG_LAYOUT")
 # whole-MODEL concepts (a tuple of samplers.omg.stages.ModelConcept), from OMG Model Concept nodes
 ModelConceptsType = io.Custom("OMG_MODEL_CONCEPTS")
@@ -53,8 +54,6 @@ CROP_MARGIN = 4  # latent cells (32 px) around a concept's mask when concepts ar
 
 
 def _stage1_inputs(with_concepts_required: bool) -> list:
-    import comfy.samplers
-
     concepts = ConceptStackType.Input(
         "concepts",
         optional=not with_concepts_required,
@@ -70,43 +69,17 @@ def _stage1_inputs(with_concepts_required: bool) -> list:
         io.Vae.Input("vae", tooltip="Decodes the stage-1 image for SAM and the mask preview."),
         concepts,
         io.Latent.Input("latent_image", tooltip="An Empty Latent Image of the size to sample."),
-        io.Int.Input(
-            "seed",
-            default=0,
-            min=0,
-            max=0xFFFFFFFFFFFFFFFF,
-            control_after_generate=True,
-            tooltip="Noise seed; both stages use it.",
-        ),  # fmt: skip
-        io.Int.Input("steps", default=20, min=2, max=10000, tooltip="Sampling steps of the whole schedule."),
-        io.Float.Input(
-            "cfg",
-            default=7.0,
-            min=0.0,
-            max=100.0,
-            step=0.1,
-            round=0.01,
-            tooltip="Classifier-free guidance, for the scene and every concept.",
-        ),  # fmt: skip
-        io.Combo.Input(
-            "sampler_name",
-            options=comfy.samplers.KSampler.SAMPLERS,
-            default="euler",
-            tooltip="Deterministic samplers (euler, dpmpp_2m, ...) continue stage 1 exactly.",
-        ),  # fmt: skip
-        io.Combo.Input(
-            "scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal", tooltip="The noise schedule."
-        ),  # fmt: skip
-        io.String.Input(
+        seed_input("seed", "Noise seed; both stages use it."),
+        sampling_steps_input(20, "Sampling steps of the whole schedule.", minimum=2, maximum=10000),
+        cfg_input(7.0, "Classifier-free guidance, for the scene and every concept."),
+        sampler_name_input("Deterministic samplers (euler, dpmpp_2m, ...) continue stage 1 exactly."),
+        scheduler_input(),
+        prompt_input(
             "scene_prompt",
-            multiline=True,
-            default="",
-            tooltip="The scene with class words only, one mention per concept: 'a man and a woman hugging in a "
+            "The scene with class words only, one mention per concept: 'a man and a woman hugging in a "
             "park'. Stage 1 samples it; automatic masks look for each concept's class word here.",
         ),
-        io.String.Input(
-            "negative", multiline=True, default="", tooltip="Negative prompt for the scene and every concept."
-        ),  # fmt: skip
+        prompt_input("negative", "Negative prompt for the scene and every concept."),
         io.Float.Input(
             "start",
             default=0.32,
@@ -170,13 +143,11 @@ def _stage2_inputs() -> list:
             tooltip="Optional: the concepts' masks themselves (one per concept, in stack order, at the image's "
             "size, e.g. from SAM Masks on the stage-1 image). Used instead of regions and automatic masks.",
         ),
-        io.String.Input(
+        prompt_input(
             "concept_prompts",
-            multiline=True,
-            default="",
-            optional=True,
-            tooltip="Optional: each concept's own prompt, one line per concept ('label: prompt', or in stack "
+            "Optional: each concept's own prompt, one line per concept ('label: prompt', or in stack "
             "order). Empty: the scene prompt with the concept's words before its class word.",
+            optional=True,
         ),
         io.Boolean.Input(
             "crop_concepts",
@@ -197,22 +168,22 @@ def _stage2_inputs() -> list:
     ]
 
 
+def _mask_outputs() -> list:
+    """The masks and their preview, as the OMG Sampler and the OMG Guider output them."""
+    return [
+        io.Mask.Output(display_name="masks", tooltip="Each concept's mask, in stack order, at image size."),
+        io.Image.Output(display_name="preview", tooltip="The masks over the stage-1 image, labelled."),
+    ]
+
+
 # ------------------------------------------------------------------------------------------ stages
 
 
 def _stage1(node, model, clip, vae, stack, latent_image, seed, steps, cfg, sampler_name, scheduler, scene_prompt,
             negative, start, layout_memory_mb, need_words, progress=None) -> OMGLayout:  # fmt: skip
-    import comfy.samplers
-
     if not (scene_prompt or "").strip():
         raise NodeError(node, "scene_prompt is empty: describe the scene with class words ('a man and a dog').")
-    # ComfyUI does not check V3 combo values against their options: an unknown name would fail deep inside
-    for name, value, options in (
-        ("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS),
-        ("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS),
-    ):
-        if value not in options:
-            raise NodeError(node, f"{name} is {str(value)[:40]!r}; pick one from the list (e.g. {options[0]}).")
+    check_sampler_names(node, sampler_name, scheduler)
     samples = latent_image["samples"]
     lat_h, lat_w = int(samples.shape[-2]), int(samples.shape[-1])
     start_step = min(max(1, round(start * steps)), steps - 1)
@@ -348,13 +319,6 @@ def _check_model_concepts(node, model, model_concepts) -> None:
             )
 
 
-def _latent(latent_image, samples) -> dict:
-    out = dict(latent_image)
-    out["samples"] = samples
-    out.pop("noise_mask", None)
-    return out
-
-
 # -------------------------------------------------------------------------------------------- nodes
 
 
@@ -376,8 +340,7 @@ class OMG(io.ComfyNode):
             outputs=[
                 io.Latent.Output(display_name="LATENT", tooltip="The final image's latent (decode it)."),
                 io.Latent.Output(display_name="stage 1", tooltip="Stage 1's latent: the scene without concepts."),
-                io.Mask.Output(display_name="masks", tooltip="Each concept's mask, in stack order, at image size."),
-                io.Image.Output(display_name="preview", tooltip="The masks over the stage-1 image, labelled."),
+                *_mask_outputs(),
             ],
         )
 
@@ -387,8 +350,6 @@ class OMG(io.ComfyNode):
                 scene_prompt, negative, start=0.32, overlap="front_to_back", regions=None, sam=None,
                 concept_prompts="", crop_concepts=False, mask_threshold=0.4, model_concepts=None,
                 layout_memory_mb=1024, masks=None) -> io.NodeOutput:  # fmt: skip
-        import comfy.sample
-        import comfy.samplers
         import comfy.utils
 
         stack, extra = _need_concepts(cls.NAME, concepts, model_concepts)
@@ -405,12 +366,8 @@ class OMG(io.ComfyNode):
                              progress=lambda step, x0, x, t: bar.update_absolute(step + 1, total))  # fmt: skip
             guider, masks, preview = _guider(cls.NAME, model, clip, stack, layout, overlap, regions, sam,
                                              concept_prompts, crop_concepts, mask_threshold, extra, masks)  # fmt: skip
-            noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
-            out = guider.sample(
-                noise, samples, comfy.samplers.sampler_object(sampler_name), layout.store.sigmas.to(torch.float32),
-                callback=lambda step, x0, x, t: bar.update_absolute(steps + step - start_step + 1, total),
-                disable_pbar=True, seed=seed,
-            )  # fmt: skip
+            out = sample_guider(guider, latent_image, seed, sampler_name, layout.store.sigmas.to(torch.float32),
+                                lambda step, x0, x, t: bar.update_absolute(steps + step - start_step + 1, total))  # fmt: skip
             stage1 = layout.store.final
         except _ERRORS as e:
             raise NodeError(cls.NAME, str(e)) from None
@@ -418,7 +375,7 @@ class OMG(io.ComfyNode):
             if layout is not None:
                 layout.store.free()  # the replay is done: nothing of stage 1 is kept past this node
         return io.NodeOutput(
-            _latent(latent_image, out.to(samples.device)), _latent(latent_image, stage1), masks, preview
+            latent_output(latent_image, out.to(samples.device)), latent_output(latent_image, stage1), masks, preview
         )
 
 
@@ -454,7 +411,7 @@ class OMGStage1(io.ComfyNode):
                              scheduler, scene_prompt, negative, start, layout_memory_mb, need_words=stack is not None)  # fmt: skip
         except _ERRORS as e:
             raise NodeError(cls.NAME, str(e)) from None
-        return io.NodeOutput(layout, _latent(latent_image, layout.store.final), layout.image)
+        return io.NodeOutput(layout, latent_output(latent_image, layout.store.final), layout.image)
 
 
 class OMGGuiderNode(io.ComfyNode):
@@ -479,8 +436,7 @@ class OMGGuiderNode(io.ComfyNode):
             ],
             outputs=[
                 io.Guider.Output(display_name="GUIDER", tooltip="For SamplerCustomAdvanced."),
-                io.Mask.Output(display_name="masks", tooltip="Each concept's mask, in stack order, at image size."),
-                io.Image.Output(display_name="preview", tooltip="The masks over the stage-1 image, labelled."),
+                *_mask_outputs(),
             ],
         )
 

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from ..samplers.regions import MAX_REGIONS, RegionError, parse_regions, validate_regions_json
 from ..samplers.regions.preview import draw_regions
 from .common import CATEGORY_REGIONS, NodeError, checked_inputs, guarded_validation
+from .inputs import image_size_input
 
 NODE_NAME = "Regions"
 log = logging.getLogger("multiconcept")
@@ -39,22 +40,8 @@ class Regions(io.ComfyNode):
                 "convention (x0, y0, x1, y1 pixels) that SAM2/KJNodes packs accept, and a preview."
             ),
             inputs=[
-                io.Int.Input(
-                    "width",
-                    default=512,
-                    min=64,
-                    max=8192,
-                    step=8,
-                    tooltip="Width of the image the boxes are placed in, in pixels (a multiple of 8).",
-                ),
-                io.Int.Input(
-                    "height",
-                    default=512,
-                    min=64,
-                    max=8192,
-                    step=8,
-                    tooltip="Height of the image the boxes are placed in, in pixels (a multiple of 8).",
-                ),
+                image_size_input("width", "Width of the image the boxes are placed in, in pixels (a multiple of 8)."),
+                image_size_input("height", "Height of the image the boxes are placed in, in pixels (a multiple of 8)."),
                 RegionsEditorType.Input(
                     "regions",
                     tooltip="Draw a box per concept (drag on empty space); click a box to edit its label, prompt "

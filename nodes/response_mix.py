@@ -8,9 +8,8 @@ from ..samplers.edlora.model import EDLoRAApplyError
 from ..samplers.fusion.response import DEFAULT_TEMPERATURE, MODES
 from ..samplers.fusion.response_mix import ResponseMixError, response_mix
 from ..samplers.mixofshow.plan import RegionalPlanError
-from .common import CATEGORY_ROOT, ConceptStackType, NodeError, checked_inputs
-
-CATEGORY_METHODS = f"{CATEGORY_ROOT}/methods"
+from .common import CATEGORY_METHODS, TOKENIZER_ERRORS, ConceptStackType, NodeError, checked_inputs, encoding_error
+from .inputs import prompt_input
 
 
 class ResponseWeightedMix(io.ComfyNode):
@@ -40,11 +39,9 @@ class ResponseWeightedMix(io.ComfyNode):
                     tooltip="The concepts from the Concept Stack nodes (ED-LoRAs, and LoRAs with trigger words). "
                     "Region labels are ignored: every LoRA acts on the whole image.",
                 ),
-                io.String.Input(
+                prompt_input(
                     "prompt",
-                    multiline=True,
-                    default="",
-                    tooltip="The prompt. Name the concepts you want with their words (ED-LoRA words or LoRA trigger "
+                    "The prompt. Name the concepts you want with their words (ED-LoRA words or LoRA trigger "
                     "words); it is also encoded for the CONDITIONING output.",
                 ),
                 io.Combo.Input(
@@ -90,8 +87,6 @@ class ResponseWeightedMix(io.ComfyNode):
             mix = response_mix(model, clip, concepts, prompt, mode, float(temperature))
         except (ResponseMixError, EDLoRAApplyError, RegionalPlanError) as e:
             raise NodeError(cls.NAME, str(e)) from None
-        except (ValueError, RecursionError, IndexError, KeyError, TypeError) as e:  # the tokenizer on odd text
-            raise NodeError(
-                cls.NAME, f"the prompt could not be encoded ({type(e).__name__}: {str(e)[:200]}). Check the prompt."
-            ) from None
+        except TOKENIZER_ERRORS as e:
+            raise encoding_error(cls.NAME, e, "the prompt") from None
         return io.NodeOutput(mix.model, mix.clip, mix.conditioning, mix.table)

@@ -11,35 +11,20 @@ from dataclasses import dataclass
 import torch
 from comfy_api.latest import io
 
+from ..formats.weights import CheckpointFileError, check_weight_tensor, read_tensor_file
 from ..samplers.regions.sam import SamFileError, clip_box, dilate, feather, load_sam, masks_for_boxes
 from ..samplers.regions.sam import keep_inside_box as cut_to_box
-from ..training.checkpoint_io import CheckpointFileError, check_weight_tensor, read_tensor_file
-from .common import (
-    CATEGORY_REGIONS,
-    NodeError,
-    check_model_file,
-    checked_inputs,
-    guarded_validation,
-    list_model_files,
-    resolve_model_file,
-)
+from .common import CATEGORY_REGIONS, NodeError, checked_inputs, guarded_validation, register_model_folder
+from .inputs import ModelFiles
 from .regions import BBoxType, RegionsType
 from .validation import short_repr
 
-SAM_SUFFIXES = (".pth", ".pt", ".safetensors")
+SAM_FILES = ModelFiles("sams", (".pth", ".pt", ".safetensors"), "SAM checkpoint")
 log = logging.getLogger("multiconcept")
 
 SamModelType = io.Custom("SAM_MODEL")
 
-
-def _register_sams_folder():
-    import folder_paths
-
-    if "sams" not in folder_paths.folder_names_and_paths:  # other SAM packs use the same folder
-        folder_paths.add_model_folder_path("sams", os.path.join(folder_paths.models_dir, "sams"))
-
-
-_register_sams_folder()
+register_model_folder(SAM_FILES.folder)  # the folder other SAM packs use too
 
 
 class _SamContainer(torch.nn.Module):
@@ -106,10 +91,9 @@ class SAMLoader(io.ComfyNode):
             description="Loads a segment-anything (SAM) checkpoint from models/sams. The architecture (ViT-B/L/H or a "
             "smaller custom encoder) is read from the weights' shapes, not from the file name.",
             inputs=[
-                io.Combo.Input(
+                SAM_FILES.input(
                     "sam_name",
-                    options=list_model_files("sams", SAM_SUFFIXES),
-                    tooltip="SAM checkpoint in models/sams, e.g. sam_vit_b_01ec64.pth (.pth loaded safely, "
+                    "SAM checkpoint in models/sams, e.g. sam_vit_b_01ec64.pth (.pth loaded safely, "
                     "tensors only) or a .safetensors.",
                 ),
             ],
@@ -119,7 +103,7 @@ class SAMLoader(io.ComfyNode):
     @classmethod
     @guarded_validation("SAM Loader", "sam_name", "Pick a SAM checkpoint from models/sams.")
     def validate_inputs(cls, sam_name):
-        return check_model_file(cls.NAME, "sams", sam_name, "SAM checkpoint")
+        return SAM_FILES.check(cls.NAME, sam_name)
 
     @classmethod
     @checked_inputs("SAM Loader")
@@ -127,7 +111,7 @@ class SAMLoader(io.ComfyNode):
         import comfy.model_management
         import comfy.model_patcher
 
-        path = resolve_model_file(cls.NAME, "sams", sam_name, "SAM checkpoint")
+        path = SAM_FILES.path(cls.NAME, sam_name)
         sd = read_state_dict(path, cls.NAME)
         try:
             sam, spec = load_sam(sd)

@@ -7,15 +7,25 @@ import os
 
 from comfy_api.latest import io, ui
 
+from ..formats.edlora import EDLoRAFileError, write_edlora_safetensors
 from ..samplers.edlora.model import EDLoRAApplyError, apply_edlora
 from ..training.captions import PLACEHOLDER, CaptionError, prepare_captions
 from ..training.dataset import DatasetError
-from ..training.edlora_file import EDLoRAFileError, write_edlora_safetensors
 from ..training.edlora_trainer import ORTHOGONAL_MODES, EDLoRATrainer, TrainingError, TrainSettings
 from ..training.loop import train
 from ..training.plots import loss_curve_image
 from ..training.state import STATE_SUFFIX, StateError
-from .common import CATEGORY_EDLORA, ConceptStackType, EDLoRAConceptType, NodeError, checked_inputs
+from .common import (
+    CATEGORY_EDLORA,
+    ConceptStackType,
+    EDLoRAConceptType,
+    NodeError,
+    NodeProgress,
+    checked_inputs,
+    free_path,
+    loras_dir,
+)
+from .inputs import seed_input
 from .validation import check_output_name, plain_name_problem
 
 log = logging.getLogger("multiconcept")
@@ -39,19 +49,8 @@ def list_states() -> list[str]:
         return []
 
 
-def free_path(folder: str, stem: str, suffix: str, keep: str | None = None) -> str:
-    """``folder/stem+suffix``, or ``stem_2``, ``stem_3``... — never a file that exists (unless it is ``keep``)."""
-    candidate, n = os.path.join(folder, stem + suffix), 2
-    while os.path.exists(candidate) and os.path.abspath(candidate) != (os.path.abspath(keep) if keep else None):
-        candidate = os.path.join(folder, f"{stem}_{n}{suffix}")
-        n += 1
-    return candidate
-
-
-def loras_dir() -> str:
-    import folder_paths
-
-    return folder_paths.get_folder_paths("loras")[0]
+def _learning_rate(name: str, default: float, step: float, tooltip: str) -> io.Float.Input:
+    return io.Float.Input(name, default=default, min=0.0, max=1.0, step=step, tooltip=tooltip)
 
 
 class TrainEDLoRA(io.ComfyNode):
@@ -108,30 +107,24 @@ class TrainEDLoRA(io.ComfyNode):
                 io.Int.Input(
                     "steps", default=800, min=1, max=100_000, tooltip="Optimiser steps (Mix-of-Show: 800–1000)."
                 ),
-                io.Float.Input(
+                _learning_rate(
                     "lr_embedding",
-                    default=1e-3,
-                    min=0.0,
-                    max=1.0,
-                    step=1e-5,
-                    tooltip="Learning rate of the concept's token embeddings (Mix-of-Show: 1e-3). Must be above 0.",
-                ),  # fmt: skip
-                io.Float.Input(
+                    1e-3,
+                    1e-5,
+                    "Learning rate of the concept's token embeddings (Mix-of-Show: 1e-3). Must be above 0.",
+                ),
+                _learning_rate(
                     "lr_text",
-                    default=1e-5,
-                    min=0.0,
-                    max=1.0,
-                    step=1e-6,
-                    tooltip="Learning rate of the text-encoder LoRA (Mix-of-Show: 1e-5). 0 trains and saves none.",
-                ),  # fmt: skip
-                io.Float.Input(
+                    1e-5,
+                    1e-6,
+                    "Learning rate of the text-encoder LoRA (Mix-of-Show: 1e-5). 0 trains and saves none.",
+                ),
+                _learning_rate(
                     "lr_unet",
-                    default=1e-4,
-                    min=0.0,
-                    max=1.0,
-                    step=1e-5,
-                    tooltip="Learning rate of the UNet attention LoRA (Mix-of-Show: 1e-4). 0 trains and saves none.",
-                ),  # fmt: skip
+                    1e-4,
+                    1e-5,
+                    "Learning rate of the UNet attention LoRA (Mix-of-Show: 1e-4). 0 trains and saves none.",
+                ),
                 io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank (Mix-of-Show: 4)."),
                 io.Int.Input("batch_size", default=2, min=1, max=64, tooltip="Pictures per step."),
                 io.Int.Input(
@@ -142,14 +135,11 @@ class TrainEDLoRA(io.ComfyNode):
                     step=64,
                     tooltip="Training size in pixels (square). 512 for SD1.5.",
                 ),  # fmt: skip
-                io.Int.Input(
+                seed_input(
                     "seed",
-                    default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
+                    "Seeds the initial weights and every step's noise: same seed, same result.",
                     control_after_generate=False,
-                    tooltip="Seeds the initial weights and every step's noise: same seed, same result.",
-                ),  # fmt: skip
+                ),
                 io.Mask.Input(
                     "masks",
                     optional=True,
@@ -248,7 +238,6 @@ class TrainEDLoRA(io.ComfyNode):
                 attention_weight=0.0, orthogonal="off", orthogonal_to=None, orthogonality_weight=1e-3, norm_cap=0.55,
                 preview_every=0, preview_prompt=f"a photo of {PLACEHOLDER}", resume=NO_RESUME) -> io.NodeOutput:  # fmt: skip
         import comfy.model_management
-        import comfy.utils
 
         stem = check_output_name(NAME, "output_name", output_name)
         if stem.lower().endswith(".safetensors"):
@@ -286,16 +275,14 @@ class TrainEDLoRA(io.ComfyNode):
 
         os.makedirs(states_dir(), exist_ok=True)
         state_path = resume_path or free_path(states_dir(), stem, STATE_SUFFIX)
-        bar = comfy.utils.ProgressBar(steps)
-        node_id = _node_id()
+        progress = NodeProgress(steps)
 
         def report(step, loss, parts):
-            bar.update_absolute(step, steps)
-            _progress_text(node_id, f"step {step}/{steps}  loss {loss:.4f}")
+            progress.update(step, steps, f"step {step}/{steps}  loss {loss:.4f}")
 
         def preview(step):
             img = trainer.preview(preview_prompt, seed)
-            bar.update_absolute(step, steps, ("JPEG", _pil(img[0]), 512))
+            progress.update(step, steps, preview=("JPEG", _pil(img[0]), 512))
 
         try:
             result = train(trainer, state_path=state_path, resume=resume_path, report=report,
@@ -331,27 +318,6 @@ class TrainEDLoRA(io.ComfyNode):
         return io.NodeOutput(
             new_model, new_clip, concept, curve, concept.prompt_words, ui=ui.PreviewText("\n".join(lines))
         )
-
-
-def _node_id():
-    try:
-        from comfy_execution.utils import get_executing_context
-
-        ctx = get_executing_context()
-        return ctx.node_id if ctx is not None else None
-    except Exception:  # noqa: BLE001 - progress text is a nicety
-        return None
-
-
-def _progress_text(node_id, text: str) -> None:
-    if node_id is None:
-        return
-    try:
-        from server import PromptServer
-
-        PromptServer.instance.send_progress_text(text, node_id)
-    except Exception:  # noqa: BLE001 - no server (tests, CLI): nothing to show it on
-        pass
 
 
 def _pil(image):

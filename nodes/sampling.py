@@ -1,0 +1,39 @@
+"""What the sampler nodes (those that work like a KSampler: Concept Conductor Sampler, OMG Sampler) share at
+run time: checking the sampler and scheduler names, sampling a guider, the LATENT output."""
+
+from __future__ import annotations
+
+from .common import NodeError
+
+
+def check_sampler_names(node: str, sampler_name, scheduler) -> None:
+    """NodeError unless both are ComfyUI's names: ComfyUI does not check V3 combo values against their options,
+    and an unknown name would fail deep inside sampling."""
+    import comfy.samplers
+
+    for name, value, options in (
+        ("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS),
+        ("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS),
+    ):
+        if value not in options:
+            raise NodeError(node, f"{name} is {str(value)[:40]!r}; pick one from the list (e.g. {options[0]}).")
+
+
+def sample_guider(guider, latent_image: dict, seed: int, sampler_name: str, sigmas, callback):
+    """``guider`` run on ``latent_image`` as SamplerCustomAdvanced runs it (the seed's noise for the batch, the
+    named sampler, ``sigmas``), with ``callback(step, x0, x, total)`` after each step instead of a console bar."""
+    import comfy.sample
+    import comfy.samplers
+
+    samples = latent_image["samples"]
+    noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+    sampler = comfy.samplers.sampler_object(sampler_name)
+    return guider.sample(noise, samples, sampler, sigmas, callback=callback, disable_pbar=True, seed=seed)
+
+
+def latent_output(latent_image: dict, samples) -> dict:
+    """A LATENT output: the input latent's entries with new ``samples`` and without its noise mask."""
+    out = dict(latent_image)
+    out["samples"] = samples
+    out.pop("noise_mask", None)
+    return out
