@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support.edlora_factory import official_edlora
+from tests.support.builders.edlora import official_edlora
 from tests.support.graphs import plain_txt2img
 from tests.support.workflow_api import workflow_to_api
 
@@ -22,7 +22,7 @@ PACK_DIR_NAME = "comfyui-multiconcept"
 def server_loras(comfy_server):
     d = Path(comfy_server.base_dir) / "models" / "loras"
     d.mkdir(parents=True, exist_ok=True)
-    from multiconcept.training.edlora_file import read_edlora, write_edlora_safetensors
+    from multiconcept.formats.edlora import read_edlora, write_edlora_safetensors
 
     torch.save(official_edlora(words=("<cat1>", "<cat2>"), seed=31), d / "e2e_cat.pth")
     if not (d / "e2e_cat.safetensors").exists():

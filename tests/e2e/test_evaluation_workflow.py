@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.support.edlora_factory import official_edlora
-from tests.support.tiny_open_clip import save_tiny_open_clip
+from tests.support.builders.edlora import official_edlora
+from tests.support.builders.open_clip import save_tiny_open_clip
 from tests.support.workflow_api import workflow_to_api
 
 pytestmark = pytest.mark.e2e

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support.edlora_factory import official_edlora
+from tests.support.builders.edlora import official_edlora
 from tests.support.server import PACK_DIR_NAME
 from tests.support.workflow_api import workflow_to_api
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support.edlora_factory import official_edlora
+from tests.support.builders.edlora import official_edlora
+from tests.support.builders.sam import save_tiny_sam
 from tests.support.server import PACK_DIR_NAME
-from tests.support.tiny_sam import save_tiny_sam
 from tests.support.workflow_api import workflow_to_api
 
 WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "omg_two_concepts.json"

@@ -16,11 +16,10 @@ WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "regional_lora.js
 
 
 @pytest.fixture(scope="module")
-def server_loras(comfy_server, comfy, tiny_checkpoint):
-    import nodes
-    from tests.support.lora_factory import SD15_ALL, make_lora
+def server_loras(comfy_server, comfy, tiny_models):
+    from tests.support.builders.lora import SD15_ALL, make_lora
 
-    model = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[0]
+    model = tiny_models[0]
     d = Path(comfy_server.base_dir) / "models" / "loras"
     names = []
     for i, name in enumerate(("e2e_left.safetensors", "e2e_right.safetensors")):

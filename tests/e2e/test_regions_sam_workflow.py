@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.support.tiny_sam import (
+from tests.support.builders.sam import (
     REFERENCE_BOXES,
     REFERENCE_H,
     REFERENCE_W,

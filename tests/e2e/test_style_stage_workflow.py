@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.support.builders.controlnet import COPIED, build_tiny_controlnet
 from tests.support.server import PACK_DIR_NAME
-from tests.support.tiny_controlnet import COPIED, build_tiny_controlnet
 from tests.support.workflow_api import workflow_to_api
 
 WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "concept_conductor_style_stage.json"

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.support.builders.sam import save_tiny_sam
 from tests.support.server import PACK_DIR_NAME
-from tests.support.tiny_sam import save_tiny_sam
 from tests.support.workflow_api import workflow_to_api
 
 WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "edlora_training.json"

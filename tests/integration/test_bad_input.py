@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from tests.support.edlora_factory import official_edlora
+from tests.support.builders.edlora import official_edlora
 from tests.support.graphs import edlora_txt2img, plain_txt2img
 
 RAW_ERRORS = ("Traceback", "IndexError", "TypeError", "KeyError", "list index out of range", "Exception when")

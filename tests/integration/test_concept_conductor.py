@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from tests.support.edlora_factory import official_edlora
-from tests.support.lora_factory import SD15_ALL, make_lora
+from tests.support.builders.edlora import official_edlora
+from tests.support.builders.lora import SD15_ALL, make_lora
 
 W, H = 128, 96  # non-square on purpose
 STEPS = 6
@@ -38,12 +38,10 @@ def latent(batch=1, h=H, w=W):
 
 
 @pytest.fixture(scope="module")
-def base(comfy, tiny_checkpoint):
+def base(comfy, tiny_models):
     from safetensors.torch import save_file
 
-    import nodes
-
-    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[:3]
+    model, clip, vae = tiny_models[:3]
     d = comfy.models_dir / "loras"
     d.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(("cc_a", "cc_b")):
@@ -270,8 +268,8 @@ def test_sdxl_shaped_unet_two_edlora_concepts(comfy):
     # SDXL's layers (output_blocks.1, fifth transformer block, for alignment and masks), both text encoders,
     # 70-layer ED-LoRA routing in the branches
     from tests.integration.test_edlora_sdxl import SECTION, TE_LAYERS, sdxl_file
-    from tests.support.tiny_clip import build_tiny_clip
-    from tests.support.tiny_sdxl import build_tiny_sdxl
+    from tests.support.builders.clip import build_tiny_clip
+    from tests.support.builders.sdxl import build_tiny_sdxl
 
     d = comfy.models_dir / "loras"
     torch.save({"params": sdxl_file(("<xcat1>", "<xcat2>"), seed=51)}, d / "cc_xl_cat.pth")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.support.edlora_factory import official_edlora, sd15_te_modules, sd15_unet_modules
+from tests.support.builders.edlora import official_edlora, sd15_te_modules, sd15_unet_modules
 from tests.support.graphs import edlora_txt2img, plain_txt2img
 from tests.support.tensors import changed_keys, same_bits
 
@@ -42,10 +42,9 @@ def twin_file(loras_dir):
 
 
 @pytest.fixture(scope="module")
-def base(comfy, tiny_checkpoint):
-    import nodes
+def base(comfy, tiny_models):
 
-    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[:3]
+    model, clip, vae = tiny_models[:3]
     # ComfyUI's SD1.5 loader leaves this one (unused) tensor uninitialised, sometimes NaN; make it NaN
     # always, so that every "unchanged" comparison here has to be NaN-proof (bitwise), never flaky
     with torch.no_grad():

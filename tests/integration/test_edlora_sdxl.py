@@ -1,8 +1,8 @@
 """SDXL ED-LoRAs (Concept Conductor's trainer) in a real ComfyUI: loading, both text encoders, 70-layer routing.
 
-The model is SDXL-shaped with all 70 cross-attention layers at small widths (tests/support/tiny_sdxl.py), the
-CLIP is ComfyUI's own SDXL CLIP (CLIP-L + CLIP-G, full widths, 3 layers each: tests/support/tiny_clip.py),
-and the ED-LoRA files have the official layout (tests/support/edlora_factory.py).
+The model is SDXL-shaped with all 70 cross-attention layers at small widths (tests/support/builders/sdxl.py), the
+CLIP is ComfyUI's own SDXL CLIP (CLIP-L + CLIP-G, full widths, 3 layers each: tests/support/builders/clip.py),
+and the ED-LoRA files have the official layout (tests/support/builders/edlora.py).
 
 Which layer is which is worked out here independently of the pack: Concept Conductor numbers its 70 layer
 tokens by walking ``down_blocks``, ``mid_block``, ``up_blocks`` (diffusers names, see
@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.support.edlora_factory import (
+from tests.support.builders.edlora import (
     SDXL_CHANNELS,
     clip_te_modules,
     official_edlora,
@@ -60,7 +60,7 @@ def sdxl_file(words, seed):
 
 
 def our_safetensors(params, words, path):
-    """The pack's documented .safetensors layout (training/edlora_file.py), written here by hand."""
+    """The pack's documented .safetensors layout (formats/edlora.py), written here by hand."""
     tensors = {}
     for group in ("new_concept_embedding", "new_concept_embedding_2"):
         for word, emb in params[group].items():
@@ -93,8 +93,8 @@ def files(comfy):
 
 @pytest.fixture(scope="module")
 def sdxl(comfy):
-    from tests.support.tiny_clip import build_tiny_clip
-    from tests.support.tiny_sdxl import build_tiny_sdxl
+    from tests.support.builders.clip import build_tiny_clip
+    from tests.support.builders.sdxl import build_tiny_sdxl
 
     model = build_tiny_sdxl(seed=5, all_cross_attention=True)
     return model, build_tiny_clip("sdxl", seed=6, layers=TE_LAYERS, max_length=SECTION)
@@ -395,8 +395,8 @@ def test_sd15_edlora_on_the_sdxl_model_is_refused_naming_the_fix(comfy, sdxl, fi
 
 
 def test_sdxl_edlora_on_an_sd15_model_or_clip_is_refused_naming_the_fix(comfy, sdxl, files):
-    from tests.support.tiny_clip import build_tiny_clip
-    from tests.support.tiny_sd15 import build_small_sd15_model
+    from tests.support.builders.clip import build_tiny_clip
+    from tests.support.builders.sd15 import build_small_sd15_model
 
     sd15_model = build_small_sd15_model(seed=1)
     sd15_clip = build_tiny_clip("sd15", seed=2, layers=TE_LAYERS, max_length=SECTION)

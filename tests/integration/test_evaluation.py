@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.support.edlora_factory import official_edlora
+from tests.support.builders.edlora import official_edlora
+from tests.support.builders.open_clip import save_tiny_open_clip
 from tests.support.graphs import plain_txt2img
-from tests.support.tiny_open_clip import save_tiny_open_clip
 
 pytestmark = pytest.mark.integration
 

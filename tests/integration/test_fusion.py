@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.support.edlora_factory import official_edlora
+from tests.support.builders.edlora import official_edlora
 
 FUSE_ID = "MultiConceptFuseConcepts"
 LOAD_ID = "MultiConceptLoadFusedConcepts"
@@ -32,10 +32,9 @@ def node_error(comfy, node_id):
 
 
 @pytest.fixture(scope="module")
-def base(comfy, tiny_checkpoint):
-    import nodes
+def base(comfy, tiny_models):
 
-    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[:3]
+    model, clip, vae = tiny_models[:3]
     d = comfy.models_dir / "loras"
     d.mkdir(parents=True, exist_ok=True)
     # large LoRAs, so the two concepts really disagree on shared layers
@@ -77,9 +76,7 @@ def node_run(comfy, base, stack):
 
 @pytest.fixture(scope="module")
 def saved(comfy, node_run, fuse):
-    return comfy.pack_module("samplers.fusion.fused_file").read_fused(
-        comfy.models_dir / "loras" / "fu_pair.safetensors"
-    )
+    return comfy.pack_module("formats.fused").read_fused(comfy.models_dir / "loras" / "fu_pair.safetensors")
 
 
 def test_fused_layers_beat_the_plain_sum_on_each_concepts_inputs(saved, node_run):
@@ -202,7 +199,7 @@ def test_bad_input_is_refused_by_name(comfy, base, stack):
     # duplicate words: a LoRA whose trigger word is an ED-LoRA's word
     from safetensors.torch import save_file
 
-    from tests.support.lora_factory import make_lora
+    from tests.support.builders.lora import make_lora
 
     save_file(
         make_lora(model, ["input_blocks.1.1.transformer_blocks.0.attn1.to_q"], seed=54), str(d / "fu_lora.safetensors")

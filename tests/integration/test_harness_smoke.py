@@ -11,7 +11,7 @@ import torch
 from tests.support.graphs import plain_txt2img
 from tests.support.tensors import same_bits
 
-# The one tensor ComfyUI's SD1.5 checkpoint loader cannot fill from any key (see tests/support/tiny_sd15.py).
+# The one tensor ComfyUI's SD1.5 checkpoint loader cannot fill from any key (see tests/support/builders/sd15.py).
 UNLOADABLE_CLIP = ["clip_l.transformer.text_projection.weight"]
 
 
@@ -153,7 +153,7 @@ def test_every_loaded_tensor_comes_from_the_checkpoint(comfy, tiny_checkpoint_pa
 
 
 def test_build_is_deterministic(comfy, tiny_checkpoint_path, tmp_path):
-    from tests.support.tiny_sd15 import build_tiny_sd15, is_current_build
+    from tests.support.builders.sd15 import build_tiny_sd15, is_current_build
 
     again = build_tiny_sd15(tmp_path / "again.safetensors", seed=0)
     assert _sha256(again) == _sha256(tiny_checkpoint_path)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.support.edlora_factory import official_edlora
+from tests.support.builders.edlora import official_edlora
 from tests.support.graphs import plain_txt2img
 
 W, H = 256, 192  # the loss map is 1/32 of the image: 8 x 6 cells
@@ -23,10 +23,9 @@ OFF = dict(enhancement=0.0, fill=0.0, region=0.0, isolation=False, reinitialise=
 
 
 @pytest.fixture(scope="module")
-def base(comfy, tiny_checkpoint):
-    import nodes
+def base(comfy, tiny_models):
 
-    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[:3]
+    model, clip, vae = tiny_models[:3]
     d = comfy.models_dir / "loras"
     d.mkdir(parents=True, exist_ok=True)
     torch.save(official_edlora(words=("<cat1>", "<cat2>"), seed=41, lora_scale=0.05), d / "lc_cat.pth")
@@ -300,8 +299,8 @@ def test_no_gradient_reaches_a_weight_and_plain_sampling_is_unchanged(comfy, bas
 
 def test_an_sdxl_shaped_unet_runs_lora_composer(comfy):
     from tests.integration.test_edlora_sdxl import TE_LAYERS, sdxl_file
-    from tests.support.tiny_clip import build_tiny_clip
-    from tests.support.tiny_sdxl import build_tiny_sdxl
+    from tests.support.builders.clip import build_tiny_clip
+    from tests.support.builders.sdxl import build_tiny_sdxl
 
     model = build_tiny_sdxl(seed=5, all_cross_attention=True)
     clip = build_tiny_clip("sdxl", seed=6, layers=TE_LAYERS)

@@ -1,7 +1,7 @@
 """Mix-of-Show regional sampling composed with ComfyUI's stock ControlNet, as the node's help page says to
 use it: the node's positive/negative go through the stock Apply ControlNet (ControlNetApplyAdvanced), its
 MODEL and those conditionings into a stock sampler. The ControlNet is an SD1.5-layout ControlNet file for
-the tiny checkpoint (tests/support/tiny_controlnet.py), loaded by ComfyUI's own loader."""
+the tiny checkpoint (tests/support/builders/controlnet.py), loaded by ComfyUI's own loader."""
 
 from __future__ import annotations
 
@@ -9,17 +9,16 @@ import pytest
 import torch
 
 from tests.integration.test_mixofshow_regional import LEFT, RIGHT, plain_conds, regional, sample
-from tests.support.tiny_controlnet import build_controlnet_state_dict
+from tests.support.builders.controlnet import build_controlnet_state_dict
 
 H, W = 96, 128
 STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def base(comfy, tiny_checkpoint):
-    import nodes
+def base(comfy, tiny_models):
 
-    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[:3]
+    model, clip, vae = tiny_models[:3]
     return model, clip, vae
 
 

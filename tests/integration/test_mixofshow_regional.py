@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.support.edlora_factory import official_edlora
+from tests.support.builders.edlora import official_edlora
 from tests.support.graphs import plain_txt2img
 
 W, H = 128, 96  # non-square on purpose
@@ -19,10 +19,9 @@ NODE_ID = "MultiConceptMixOfShowRegional"
 
 
 @pytest.fixture(scope="module")
-def base(comfy, tiny_checkpoint):
-    import nodes
+def base(comfy, tiny_models):
 
-    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[:3]
+    model, clip, vae = tiny_models[:3]
     d = comfy.models_dir / "loras"
     d.mkdir(parents=True, exist_ok=True)
     # strong enough text-encoder LoRAs that using the wrong one would show
@@ -264,7 +263,7 @@ def test_a_stock_lora_loader_before_the_node_keeps_its_effect(comfy, base, tiny_
     from safetensors.torch import save_file
 
     import nodes
-    from tests.support.lora_factory import SD15_ALL, make_lora
+    from tests.support.builders.lora import SD15_ALL, make_lora
 
     model, clip, _ = base
     path = comfy.models_dir / "loras" / "mos_stock.safetensors"
@@ -299,8 +298,8 @@ def test_sampler_custom_advanced_path_gives_the_ksampler_result(comfy, base):
 def test_an_sdxl_model_with_sdxl_edloras_runs_regional_sampling(comfy):
     """SDXL: 70 cross-attention layers, two text encoders; each region's layer i reads its layer-i encoding."""
     from tests.integration.test_edlora_sdxl import TE_LAYERS, sdxl_file
-    from tests.support.tiny_clip import build_tiny_clip
-    from tests.support.tiny_sdxl import build_tiny_sdxl
+    from tests.support.builders.clip import build_tiny_clip
+    from tests.support.builders.sdxl import build_tiny_sdxl
 
     model = build_tiny_sdxl(seed=5, all_cross_attention=True)
     clip = build_tiny_clip("sdxl", seed=6, layers=TE_LAYERS)
@@ -459,30 +458,12 @@ def test_bad_input_gets_a_clear_error_and_the_next_prompt_runs(comfy, base, tiny
 
 
 def test_a_model_without_cross_attention_is_refused(comfy):
-    import comfy.model_patcher as model_patcher
-    import comfy.supported_models as supported_models
+    from tests.support.builders.sd15 import UNET_CONFIG, build_unet_model
 
-    config = supported_models.SD15(
-        {
-            "use_checkpoint": False,
-            "image_size": 32,
-            "out_channels": 4,
-            "use_spatial_transformer": True,
-            "legacy": False,
-            "adm_in_channels": None,
-            "in_channels": 4,
-            "model_channels": 32,
-            "num_res_blocks": [1, 1],
-            "transformer_depth": [0, 0],
-            "channel_mult": [1, 2],
-            "transformer_depth_middle": 0,
-            "use_linear_in_transformer": False,
-            "context_dim": 768,
-            "num_heads": 2,
-            "transformer_depth_output": [0, 0, 0, 0],
-        }
-    )
-    patcher = model_patcher.ModelPatcher(config.get_model({}), torch.device("cpu"), torch.device("cpu"))
+    no_attention = {**UNET_CONFIG, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+                    "transformer_depth": [0, 0], "transformer_depth_middle": 0, "num_heads": 2,
+                    "transformer_depth_output": [0, 0, 0, 0]}  # fmt: skip
+    patcher = build_unet_model("sd15", no_attention)
     node = comfy.node_class(NODE_ID)
     with pytest.raises(ValueError, match="has no UNet cross-attention layers"):
         node.execute(patcher, _clip(comfy), regions_of(comfy, [LEFT]), GLOBAL, "")

@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
-from tests.support.edlora_factory import official_edlora
-from tests.support.lora_factory import SD15_ALL, make_lora
+from tests.support.builders.edlora import official_edlora
+from tests.support.builders.lora import SD15_ALL, make_lora
 
 W, H = 128, 96  # non-square on purpose
 STEPS = 6
@@ -21,12 +21,10 @@ NODE_ID = "MultiConceptOMG"
 
 
 @pytest.fixture(scope="module")
-def base(comfy, tiny_checkpoint):
+def base(comfy, tiny_models):
     from safetensors.torch import save_file
 
-    import nodes
-
-    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[:3]
+    model, clip, vae = tiny_models[:3]
     d = comfy.models_dir / "loras"
     d.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(("omg_a", "omg_b", "omg_c")):
@@ -260,7 +258,7 @@ def test_the_node_with_boxes_or_automatic_masks(comfy, base):
     assert all(float(m.max()) == 1.0 for m in auto[2])
 
     # SAM refines each box on the stage-1 image; a mask never leaves its box
-    from tests.support.tiny_sam import save_tiny_sam
+    from tests.support.builders.sam import save_tiny_sam
 
     (comfy.models_dir / "sams").mkdir(parents=True, exist_ok=True)
     save_tiny_sam(comfy.models_dir / "sams" / "omg_sam.pth")
@@ -415,8 +413,8 @@ def test_a_model_concept_is_its_own_pass_with_its_own_patches(comfy, base, omg):
 def test_an_sdxl_model_with_sdxl_edloras_runs_omg(comfy, omg):
     """SDXL-shaped UNet (70 cross-attention layers, two text encoders), two SDXL ED-LoRA concepts, boxes."""
     from tests.integration.test_edlora_sdxl import TE_LAYERS, sdxl_file
-    from tests.support.tiny_clip import build_tiny_clip
-    from tests.support.tiny_sdxl import build_tiny_sdxl
+    from tests.support.builders.clip import build_tiny_clip
+    from tests.support.builders.sdxl import build_tiny_sdxl
 
     model = build_tiny_sdxl(seed=5, all_cross_attention=True)
     clip = build_tiny_clip("sdxl", seed=6, layers=TE_LAYERS)

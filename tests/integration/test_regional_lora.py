@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.support.edlora_factory import official_edlora
+from tests.support.builders.edlora import official_edlora
+from tests.support.builders.lora import SD15_ALL, make_lora
 from tests.support.graphs import plain_txt2img
-from tests.support.lora_factory import SD15_ALL, make_lora
 
 W, H = 128, 96
 LEFT = {"x": 0.0, "y": 0.0, "w": 0.5, "h": 1.0, "label": "left"}
@@ -19,10 +19,9 @@ EVERYWHERE = {"x": 0.0, "y": 0.0, "w": 1.0, "h": 1.0, "label": "all"}
 
 
 @pytest.fixture(scope="module")
-def loras(comfy, tiny_checkpoint):
-    import nodes
+def loras(comfy, tiny_models):
 
-    model = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[0]
+    model = tiny_models[0]
     d = comfy.models_dir / "loras"
     d.mkdir(parents=True, exist_ok=True)
     save_file(make_lora(model, SD15_ALL, seed=21, scale=0.6), str(d / "rl_a.safetensors"))

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.support.edlora_factory import clip_te_modules, official_edlora, sdxl_unet_modules
-from tests.support.lora_factory import SD15_ATTENTION, make_lora
+from tests.support.builders.edlora import clip_te_modules, official_edlora, sdxl_unet_modules
+from tests.support.builders.lora import SD15_ATTENTION, make_lora
 from tests.support.tensors import same_bits
 
 NODE = "Response-Weighted Concept Mix"
@@ -41,10 +41,9 @@ def core(name):
 
 
 @pytest.fixture(scope="module")
-def base(comfy, tiny_checkpoint):
-    import nodes
+def base(comfy, tiny_models):
 
-    model, clip = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[:2]
+    model, clip = tiny_models[:2]
     d = comfy.models_dir / "loras"
     d.mkdir(parents=True, exist_ok=True)
     a = official_edlora(words=A_WORDS, seed=61, lora_scale=0.05)
@@ -287,8 +286,8 @@ def test_the_table_lists_each_concept_with_its_words_score_and_weight(comfy, bas
 
 
 def test_sdxl_concept_embeddings_are_l_then_g_like_the_conditioning(comfy, rm):
-    from tests.support.tiny_clip import build_tiny_clip
-    from tests.support.tiny_sdxl import build_tiny_sdxl
+    from tests.support.builders.clip import build_tiny_clip
+    from tests.support.builders.sdxl import build_tiny_sdxl
 
     def tiny(block):
         return {"down_blocks.1": 64, "down_blocks.2": 128, "mid_block": 128, "up_blocks.0": 128, "up_blocks.1": 64}[
@@ -356,8 +355,8 @@ def test_bad_input_is_refused_by_name(comfy, base, node, rm):
 
 
 def test_an_sd15_edlora_on_an_sdxl_model_is_refused_by_name(comfy, base, node):
-    from tests.support.tiny_clip import build_tiny_clip
-    from tests.support.tiny_sdxl import build_tiny_sdxl
+    from tests.support.builders.clip import build_tiny_clip
+    from tests.support.builders.sdxl import build_tiny_sdxl
 
     model = build_tiny_sdxl(seed=5, all_cross_attention=True)
     clip = build_tiny_clip("sdxl", seed=6, layers=3, max_length=16)

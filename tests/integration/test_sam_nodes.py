@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.support.graphs import plain_txt2img
-from tests.support.tiny_sam import (
+from tests.support.builders.sam import (
     REFERENCE_BOXES,
     REFERENCE_H,
     REFERENCE_IMAGE,
@@ -27,6 +26,7 @@ from tests.support.tiny_sam import (
     save_tiny_sam,
     textured_image,
 )
+from tests.support.graphs import plain_txt2img
 
 BOXES = json.dumps(
     {

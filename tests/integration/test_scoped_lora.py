@@ -6,17 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.support.lora_factory import SD15_ALL, SD15_ATTENTION, make_lora
+from tests.support.builders.lora import SD15_ALL, SD15_ATTENTION, make_lora
 
 W, H = 128, 96  # non-square on purpose: a swapped x/y anywhere shows
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def base(comfy, tiny_checkpoint):
+def base(comfy, tiny_models):
     import nodes
 
-    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[:3]
+    model, clip, vae = tiny_models[:3]
     encode = nodes.CLIPTextEncode().encode
     pos = encode(clip, "a photo of a cat and a dog on a sofa")[0]
     neg = encode(clip, "blurry, lowres")[0]
@@ -351,7 +351,7 @@ SDXL_TARGETS = [
 
 
 def test_an_sdxl_shaped_unet_runs_scoped_lora_with_a_lora_made_for_it(comfy, mods):
-    from tests.support.tiny_sdxl import build_tiny_sdxl, sdxl_conds
+    from tests.support.builders.sdxl import build_tiny_sdxl, sdxl_conds
 
     model = build_tiny_sdxl(seed=3)
     assert type(model.model.model_config).__name__ == "SDXL"

@@ -20,10 +20,9 @@ NODE = "MultiConceptTrainEDLoRA"
 
 
 @pytest.fixture(scope="module")
-def base(comfy, tiny_checkpoint):
-    import nodes
+def base(comfy, tiny_models):
 
-    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[:3]
+    model, clip, vae = tiny_models[:3]
     return model, clip, vae
 
 
@@ -33,7 +32,7 @@ def tr(comfy):
         "trainer": comfy.pack_module("training.edlora_trainer"),
         "loop": comfy.pack_module("training.loop"),
         "state": comfy.pack_module("training.state"),
-        "file": comfy.pack_module("training.edlora_file"),
+        "file": comfy.pack_module("formats.edlora"),
     }
 
 

@@ -52,7 +52,7 @@ def _run(tmp_path, ckpt, data, name, processes, **extra):
 
 
 def test_two_gloo_processes_make_the_same_update_as_one(tmp_path, tiny_checkpoint_path, data, comfy):
-    read_edlora = comfy.pack_module("training.edlora_file").read_edlora
+    read_edlora = comfy.pack_module("formats.edlora").read_edlora
     one, out1 = _run(tmp_path, tiny_checkpoint_path, data, "one", 1)
     assert one.returncode == 0, one.stderr[-3000:]
     two, out2 = _run(tmp_path, tiny_checkpoint_path, data, "two", 2)

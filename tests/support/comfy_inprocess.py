@@ -88,7 +88,10 @@ def output_value(result: RunResult, node_id, index: int = 0):
 
 
 class InProcessComfy:
-    def __init__(self, comfy_path: Path, base_dir: Path):
+    def __init__(self, comfy_path: Path, base_dir: Path, device: str = "cpu"):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}")
+        self.device = device
         self.comfy_path = Path(comfy_path).resolve()
         self.version = comfyui_version(self.comfy_path)
         self.base_dir = Path(base_dir)
@@ -122,10 +125,15 @@ class InProcessComfy:
 
         import comfy.cli_args  # ComfyUI parses argv only when main.py asks it to; these are the defaults
 
-        comfy.cli_args.args.cpu = True
+        comfy.cli_args.args.cpu = self.device == "cpu"
         mm = sys.modules.get("comfy.model_management")
-        if mm is not None and getattr(getattr(mm, "cpu_state", None), "name", "CPU") != "CPU":
+        if self.device == "cpu" and mm is not None and getattr(getattr(mm, "cpu_state", None), "name", "CPU") != "CPU":
             raise RuntimeError("comfy.model_management was imported before CPU mode was set")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA GPU here (use --device cpu)")
 
         import folder_paths  # noqa: I001
         import utils.extra_config  # noqa: F401  (before `nodes`, see the module docstring)
@@ -269,12 +277,16 @@ class PersistentSession:
 _SESSION: InProcessComfy | None = None
 
 
-def make_session(comfy_path: Path, base_dir: Path) -> InProcessComfy:
-    """The one in-process ComfyUI of this Python process (ComfyUI's globals allow only one)."""
+def make_session(comfy_path: Path, base_dir: Path, device: str = "cpu") -> InProcessComfy:
+    """The one in-process ComfyUI of this Python process (ComfyUI's globals allow only one).
+
+    ``device``: "cpu" (ComfyUI's --cpu; the tests) or "cuda" (ComfyUI's own GPU management; benchmarks)."""
     global _SESSION
     if _SESSION is None:
         os.environ.setdefault("TQDM_DISABLE", "1")
-        _SESSION = InProcessComfy(comfy_path, base_dir)
+        _SESSION = InProcessComfy(comfy_path, base_dir, device)
     elif Path(comfy_path).resolve() != _SESSION.comfy_path:
         raise RuntimeError(f"ComfyUI from {_SESSION.comfy_path} is already loaded in this process")
+    elif device != _SESSION.device:
+        raise RuntimeError(f"ComfyUI is already set up for {_SESSION.device} in this process, not {device}")
     return _SESSION

@@ -255,8 +255,12 @@ class ComfyServer:
         return body["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 300) -> dict:
-        """Poll /history/<id> until the prompt finished (success or error); returns its history entry."""
+        """Poll /history/<id> until the prompt finished (success or error); returns its history entry.
+
+        The first polls come quickly (a prompt refused in its node's checks finishes in milliseconds, and the
+        fuzz test sends hundreds), then every 0.25 s."""
         deadline = time.monotonic() + timeout
+        pause = 0.005
         while time.monotonic() < deadline:
             entry = self.get(f"/history/{prompt_id}").json().get(prompt_id)
             status = (entry or {}).get("status") or {}
@@ -264,7 +268,8 @@ class ComfyServer:
                 return entry
             if not self.running:
                 raise RuntimeError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}")
-            time.sleep(0.25)
+            time.sleep(pause)
+            pause = min(0.25, pause * 2)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s\n{self.log_tail()}")
 
     def run(self, prompt: dict, timeout: float = 300) -> dict:

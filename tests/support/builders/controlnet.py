@@ -1,4 +1,4 @@
-"""A random-weight ControlNet for the tiny SD1.5 test checkpoint (tests/support/tiny_sd15.py), in the
+"""A random-weight ControlNet for the tiny SD1.5 test checkpoint (tests/support/builders/sd15.py), in the
 original ``control_model.*`` layout (lllyasviel's ``control_sd15_*.pth`` / ``control_v11*.safetensors``)
 that ComfyUI's stock ``comfy.controlnet.load_controlnet`` (the ControlNetLoader node) detects and loads.
 
@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from .tiny_sd15 import UNET_CONFIG
+from .sd15 import UNET_CONFIG
 
 PREFIX = "control_model."
 HINT_CHANNELS = 3

@@ -25,9 +25,13 @@ def sd15_unet_modules(channels_of=None, context_dim: int = 768) -> dict[str, tup
     ``channels_of(block_name)`` gives the block's width (SD1.5: 320/640/1280); default 320 everywhere,
     which is the width of the test checkpoint.
     """
-    channels_of = channels_of or (lambda block: 320)
+    return attention_modules(sd15_transformer_blocks(), channels_of or (lambda block: 320), context_dim)
+
+
+def attention_modules(blocks, channels_of, context_dim: int) -> dict[str, tuple[int, int]]:
+    """The attention projections an ED-LoRA's UNet LoRA covers, for each transformer block of ``blocks``."""
     out = {}
-    for block in sd15_transformer_blocks():
+    for block in blocks:
         c = channels_of(block)
         for attn in ("attn1", "attn2"):
             kv_in = context_dim if attn == "attn2" else c
@@ -84,16 +88,7 @@ def sdxl_unet_modules(channels_of=None, context_dim: int = 2048) -> dict[str, tu
     ``channels_of(block_name)`` gives the block's width; default SDXL's (640 / 1280).
     """
     channels_of = channels_of or (lambda block: SDXL_CHANNELS[block.split(".attentions")[0]])
-    out = {}
-    for block in sdxl_transformer_blocks():
-        c = channels_of(block)
-        for attn in ("attn1", "attn2"):
-            kv_in = context_dim if attn == "attn2" else c
-            out[f"{block}.{attn}.to_q"] = (c, c)
-            out[f"{block}.{attn}.to_k"] = (c, kv_in)
-            out[f"{block}.{attn}.to_v"] = (c, kv_in)
-            out[f"{block}.{attn}.to_out.0"] = (c, c)
-    return out
+    return attention_modules(sdxl_transformer_blocks(), channels_of, context_dim)
 
 
 def lora_tree(modules: dict[str, tuple[int, int]], rank: int, gen: torch.Generator, scale: float) -> dict:

@@ -86,3 +86,13 @@ def make_lora(
         if alpha is not None:
             sd[f"{prefix}.alpha"] = torch.tensor(float(alpha))
     return sd
+
+
+def transformer_linears(patcher) -> list[str]:
+    """Every Linear of the diffusion model's transformer blocks (attention and feed-forward): where typical
+    character LoRAs act."""
+    out = []
+    for name, module in patcher.model.diffusion_model.named_modules():
+        if ".transformer_blocks." in name and isinstance(module, torch.nn.Linear):
+            out.append(name)
+    return out

@@ -41,17 +41,14 @@ import os
 
 import torch
 
+from .seeded import UNET_COMMON, fill_seeded
+
 # Bump when the recipe changes, so that a file built by an older recipe is never taken as current.
 RECIPE = "tiny-sd15-v3"
 
 UNET_CONFIG = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "out_channels": 4,
-    "use_spatial_transformer": True,
-    "legacy": False,
+    **UNET_COMMON,
     "adm_in_channels": None,
-    "in_channels": 4,
     "model_channels": 320,
     "num_res_blocks": [2, 2, 2, 2],
     "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
@@ -62,8 +59,6 @@ UNET_CONFIG = {
     "num_heads": 8,
     # ComfyUI lists output-block depths from the last output block to the first.
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_resblock": False,
-    "use_temporal_attention": False,
     "num_head_channels": -1,
 }
 
@@ -74,22 +69,6 @@ OUT_GAIN = 1.3  # brings the predicted noise back to unit scale once the random 
 TAESD_SD15_SCALE = 0.18215
 LOGIT_SCALE = 4.6052  # CLIP's trained logit scale, log(100); unused by SD1.5
 DECODER_GAIN = 0.7  # TAESD decoder's last conv: image std about 0.1-0.25 around a mid-grey bias
-
-
-def _fill(module: torch.nn.Module, gen: torch.Generator) -> None:
-    """Every parameter from ``gen``, in registration order (which fixes the result for a seed)."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) / fan_in**0.5)
-            elif name.endswith("weight") or name.endswith("scale"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-        for name, b in module.named_buffers():
-            if b.is_floating_point():
-                raise AssertionError(f"unexpected float buffer {name}: it would be saved uninitialised")
 
 
 def _channel_plan(width: int) -> list[tuple[int, float]]:
@@ -129,18 +108,18 @@ def build_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     config = comfy.supported_models.SD15(dict(UNET_CONFIG))
     unet = config.get_model({}).diffusion_model
-    _fill(unet, gen)
+    fill_seeded(unet, gen)
     _add_denoising_route(unet)
 
     clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32)
-    _fill(clip, gen)
+    fill_seeded(clip, gen)
     with torch.no_grad():
         emb = clip.clip_l.transformer.text_model.embeddings
         emb.token_embedding.weight.mul_(0.02 * 768**0.5)  # CLIP-like embedding scales
         emb.position_embedding.weight.mul_(0.01 * 768**0.5)
 
     taesd = comfy.taesd.taesd.TAESD(latent_channels=LATENT_CHANNELS)
-    _fill(taesd, gen)
+    fill_seeded(taesd, gen)
     with torch.no_grad():
         taesd.vae_scale.fill_(TAESD_SD15_SCALE)  # what ComfyUI's VAELoader sets for SD1.5's "taesd"
         taesd.vae_shift.zero_()
@@ -194,17 +173,51 @@ def build_tiny_sd15(path: str | os.PathLike, seed: int = 0) -> str:
     return path
 
 
+# SD1.5's real UNet: the same layout with the widths 320/640/1280/1280 (860M parameters).
+FULL_UNET_CONFIG = {**UNET_CONFIG, "channel_mult": [1, 2, 4, 4]}
+
+
+def sd15_block_width(block: str) -> int:
+    """The width of an SD1.5 transformer block at full size, by its diffusers name (for ED-LoRA factors)."""
+    if block.startswith("mid_block"):
+        return 1280
+    index = int(block.split(".")[1])
+    return (320, 640, 1280)[index] if block.startswith("down_blocks") else (1280, 1280, 640, 320)[index]
+
+
 def build_small_sd15_model(seed: int = 0, model_channels: int = 32):
     """A ModelPatcher around a seeded random SD1.5-shaped UNet (all 16 cross-attention layers, context 768)
     at ``model_channels`` wide, built directly from ``comfy.supported_models.SD15`` (not a checkpoint: the
     stock loader would not detect a UNet this narrow as SD1.5). For tests that need SD1.5's shapes only."""
+    return build_unet_model("sd15", {**UNET_CONFIG, "model_channels": int(model_channels)}, seed)
+
+
+def build_full_sd15_model(seed: int = 0, dtype=None, device=None):
+    """SD1.5's UNet at its real widths (860M parameters) with seeded random weights, for benchmarks.
+
+    ``dtype``: the weights' dtype (None: float32); ``device``: where they are made and filled (None: the CPU;
+    a CUDA device fills them there, far faster than the CPU's generator)."""
+    return build_unet_model("sd15", FULL_UNET_CONFIG, seed, out_gain=0.1, dtype=dtype, device=device)
+
+
+def build_unet_model(family: str, unet_config: dict, seed: int = 0, out_gain: float = 1.0, dtype=None, device=None):
+    """A ModelPatcher around ComfyUI's model class of ``family`` ("sd15", "sdxl") built from ``unet_config``,
+    every weight from one seeded generator (fill_seeded); ``out_gain`` scales the last convolution (a random
+    UNet's raw output is far from unit scale)."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SD15({**UNET_CONFIG, "model_channels": int(model_channels)})
-    model = config.get_model({})
-    _fill(model.diffusion_model, torch.Generator().manual_seed(seed))
+    config_class = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[family]
+    config = config_class(dict(unet_config))
+    if dtype is not None:
+        config.set_inference_dtype(dtype, None)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    model = config.get_model({}, device=device)
+    fill_seeded(model.diffusion_model, torch.Generator(device=device).manual_seed(seed))
+    if out_gain != 1.0:
+        with torch.no_grad():
+            model.diffusion_model.out[-1].weight.mul_(out_gain)
     model.eval()
     return comfy.model_patcher.ModelPatcher(
         model,

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import torch
 
+from .seeded import UNET_COMMON
+
 UNET_CONFIG = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "out_channels": 4,
-    "use_spatial_transformer": True,
-    "legacy": False,
+    **UNET_COMMON,
     "num_classes": "sequential",
     "adm_in_channels": 2816,
-    "in_channels": 4,
     "model_channels": 64,
     "num_res_blocks": [1, 1, 1],
     "transformer_depth": [0, 2, 2],
@@ -32,8 +29,6 @@ UNET_CONFIG = {
     "context_dim": 2048,
     "num_head_channels": 32,
     "transformer_depth_output": [0, 0, 2, 2, 2, 2],
-    "use_temporal_resblock": False,
-    "use_temporal_attention": False,
 }
 
 
@@ -52,33 +47,31 @@ ALL_CROSS_ATTENTION_CONFIG = {
 SDXL_CROSS_ATTENTION_LAYERS = 70
 
 
+# SDXL's real UNet (2.6B parameters): widths 320/640/1280, 64-wide heads.
+FULL_UNET_CONFIG = {
+    **ALL_CROSS_ATTENTION_CONFIG,
+    "model_channels": 320,
+    "num_head_channels": 64,
+}
+
+
 def build_tiny_sdxl(seed: int = 0, all_cross_attention: bool = False):
     """A ModelPatcher around a seeded random SDXL-shaped model, on ComfyUI's torch device.
 
     ``all_cross_attention``: SDXL's full block layout (70 cross-attention layers) at small widths, see above.
     """
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
+    from .sd15 import build_unet_model
 
-    config = comfy.supported_models.SDXL(dict(ALL_CROSS_ATTENTION_CONFIG if all_cross_attention else UNET_CONFIG))
-    model = config.get_model({})
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-        model.diffusion_model.out[-1].weight.mul_(0.1)
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(
-        model,
-        load_device=comfy.model_management.get_torch_device(),
-        offload_device=comfy.model_management.unet_offload_device(),
-    )
+    config = ALL_CROSS_ATTENTION_CONFIG if all_cross_attention else UNET_CONFIG
+    return build_unet_model("sdxl", config, seed, out_gain=0.1)
+
+
+def build_full_sdxl_model(seed: int = 0, dtype=None, device=None):
+    """SDXL's UNet at its real widths (2.6B parameters) with seeded random weights, for benchmarks on a GPU
+    (``device="cuda"``, ``dtype=torch.float16``: made and filled there; on the CPU it takes minutes)."""
+    from .sd15 import build_unet_model
+
+    return build_unet_model("sdxl", FULL_UNET_CONFIG, seed, out_gain=0.1, dtype=dtype, device=device)
 
 
 def sdxl_conds(seed: int = 1, width: int = 128, height: int = 96):
