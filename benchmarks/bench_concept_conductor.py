@@ -2,14 +2,16 @@
 
     python benchmarks/bench_concept_conductor.py [--quick] [--size 512] [--steps 6] [--repeats 1]
                                                  [--concepts 1,2,3] [--kind edlora | lora]
+                                                 [--device auto|cpu|cuda] [--figures FILE]
 
-Needs ComfyUI (COMFYUI_PATH or ~/comfy/ComfyUI) and the test venv. The model is an SD1.5 UNet at full widths
-(320/640/1280, 860M parameters, seeded random weights; benchmarks/bench_scoped_lora.py builds it), the text
-encoder a full-size random CLIP-L. The concepts (a man, a woman, a dog) are synthetic ED-LoRAs in the official
-Mix-of-Show layout (tests/support/edlora_factory.py: rank 4 on q/k/v/out of every text-encoder layer and of
+Needs ComfyUI (COMFYUI_PATH or ~/comfy/ComfyUI) and the test venv. ComfyUI runs in this process on
+``--device`` (cuda when a GPU is present); the models are built there (benchmarks/harness.py
+``sd15_bench_models``): an SD1.5 UNet at full widths (320/640/1280, 860M parameters, seeded random weights;
+fp16 on CUDA, fp32 on the CPU), a full-size random CLIP-L. The concepts (a man, a woman, a dog) are synthetic ED-LoRAs in the official
+Mix-of-Show layout (tests/support/builders/edlora.py: rank 4 on q/k/v/out of every text-encoder layer and of
 attn1/attn2 of all 16 transformer blocks, 16 layer tokens per word) on a stack built with the Concept Stack:
 ED-LoRA node; ``--kind lora``: kohya-shaped LoRAs (rank 16) on every linear layer of the transformer blocks
-instead (Concept Stack: LoRA node, no words). Each concept has a box: one column of a 3-column tiling with a
+instead (Concept Stack: LoRA node, no words; seeds 100, 101, 102). Each concept has a box: one column of a 3-column tiling with a
 margin, concept ``i`` in column ``i``. One scene prompt names all three class words. Configurations,
 interleaved per repeat, each a whole sampling run of ``--steps`` steps (euler, normal schedule, CFG 7.5) under
 ``torch.inference_mode()`` as ComfyUI's executor runs nodes:
@@ -19,8 +21,15 @@ interleaved per repeat, each a whole sampling run of ``--steps`` steps (euler, n
   ``ConductorSettings()`` (the official defaults: alignment in the first 30 % of the steps, shape-aware masks
   re-chosen in 25-40 % of them with 100 k-means restarts), then ``ConductorGuider.sample``.
 
+Checks, before a run's time counts (benchmarks/harness.py ``check_did_work``): every final latent is finite and
+not flat, and every conductor run changes plain's final latent inside concept 1's column. The UNet rows each
+run sends through ComfyUI's model are counted (a DIFFUSION_MODEL wrapper; the alignment's truncated forward
+passes may bypass it) and printed per step.
+
 Time: whole-run seconds over plain's (the model is loaded by an untimed 1-step run first; building the guider,
-which encodes the branches' prompts, is inside the run: "setup"). The split comes from timers wrapped around
+which encodes the branches' prompts, is inside the run: "setup"; every clock waits for the GPU), the median
+over repeats with the spread of the per-repeat ratios (each repeat's run over plain's in that repeat), which
+the time-ratio figures carry. The split comes from timers wrapped around
 the methods of each run's guider instance (no behaviour change): the reference run (``_reference_run``: the
 scene sampled plainly as far as the alignment reads), the alignment passes (``_align``: the truncated forward of
 every branch's positive row up to the alignment layer, then the backward pass to the latent; the
@@ -28,36 +37,34 @@ forward/backward boundary is where ``layout_loss`` is called), the mask refineme
 k-means; capturing the attention is inside the branch calls) and the batched branch calls (``branch_outputs``:
 N+1 branches with CFG, 2(N+1) rows per step); "other" is the rest (CFG, the sampler). Each part is reported over
 plain's whole run. The method's floor, without alignment: the reference's share of the steps plus N+1. Growth
-per concept: the slope of the whole-run ratio over the concept counts. Peak memory: the highest resident memory
-during each run over the memory at its start (freed memory returned to the system first), and the ratio of
-(model + that growth) over plain's.
+per concept: the slope of the whole-run ratio over the concept counts. Memory: the peak during each run over its
+start (CUDA: allocated memory; CPU: resident memory, freed memory returned to the system first), and the ratio
+of (model + that growth) over plain's.
 
 Steps: the official defaults are fractions of the schedule, so the step count changes the shares: at 20 steps
 the alignment takes steps 1-7 (35 %) and the refinement 4 steps; at the default 6, steps 1-3 (50 %) and 1
 refinement, which fits the whole run (plain + 1, 2, 3 concepts, one repeat) in about half an hour on 2 idle
 cores (8 steps take about 36 minutes). So each run is also projected to 20 steps from its measured costs (per
-branch step, per reference step, per alignment pass, per refinement; setup once). ``--quick``: a small SD1.5-shaped UNet (64 channels everywhere), a 3-layer CLIP-L, 256x256, 10 steps
-(alignment 40 %, 3 refinements), 2 repeats, concepts 1,2,3: a few minutes, a smoke check of the split rather
-than the full-width figure. The output ends with one JSON figure per line (benchmarks/figures.py).
+branch step, per reference step, per alignment pass, per refinement; setup once). ``--quick``: a small
+SD1.5-shaped UNet (64 channels everywhere), a 3-layer CLIP-L, 256x256, 10 steps (alignment 40 %, 3
+refinements), 2 repeats, concepts 1,2,3: a few minutes, a smoke check of the split rather than the full-width
+figure. The output ends with one JSON figure per line (benchmarks/figures.py; ``--figures FILE`` appends them
+there too).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-from benchmarks.bench_fusion import sd15_block_width  # noqa: E402
-from benchmarks.bench_mixofshow import RunMemory  # noqa: E402
-from benchmarks.bench_scoped_lora import build_unet, transformer_linears  # noqa: E402
-from benchmarks.figures import Figures  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import harness  # noqa: E402
+from tests.support.builders.edlora import official_edlora  # noqa: E402
 
 SCENE = "a photo of a man, a woman and a dog in a garden, high detail"
 NEGATIVE = "blurry, lowres"
@@ -84,64 +91,34 @@ def column_masks(n: int, size: int):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512, help="image size in pixels (square)")
-    parser.add_argument("--steps", type=int, default=6, help="sampling steps of every run (official: 200)")
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved repetitions per configuration")
+    t_start = time.perf_counter()
+    quick = "small UNet (64 wide), 3-layer CLIP, 256x256, 10 steps, 2 repeats"
+    steps = (6, "sampling steps of every run (official: 200)")
+    parser = harness.bench_parser(__doc__, quick, size=512, steps=steps, repeats=1)
     parser.add_argument("--concepts", default="1,2,3", help="comma-separated concept counts (1 to 3)")
     parser.add_argument("--kind", choices=("edlora", "lora"), default="edlora", help="the concepts' adapter files")
-    parser.add_argument("--quick", action="store_true", help="small UNet (64 wide), 3-layer CLIP, 256x256, 10 steps")
-    args = parser.parse_args()
-    if args.quick:
-        args.size, args.steps, args.repeats = 256, 10, 2
+    args = harness.parse_args(parser, quick={"size": 256, "steps": 10, "repeats": 2})
     counts = sorted({int(c) for c in args.concepts.split(",") if c.strip()})
     if not counts or min(counts) < 1 or max(counts) > len(CONCEPTS):
         parser.error(f"--concepts: counts between 1 and {len(CONCEPTS)}")
     if args.size % 64:
         parser.error("--size must be a multiple of 64")
-    t_start = time.perf_counter()
 
-    from tests.support.locate import find_comfyui
-
-    comfy_path = find_comfyui()
-    if comfy_path is None:
-        print("ComfyUI not found: set COMFYUI_PATH=/path/to/ComfyUI")
+    if (session := harness.start_comfy(args, "mc_bench_cc_")) is None:
         return 2
-    from tests.support.comfy_inprocess import make_session
 
-    session = make_session(comfy_path, Path(tempfile.mkdtemp(prefix="mc_bench_cc_")))
+    n_loras = max(counts) if args.kind == "lora" else 0
+    small = QUICK_CHANNELS if args.quick else None
+    built = harness.sd15_bench_models(args, session, n_loras=n_loras, rank=16, name="bench_cc", small_channels=small)
+    guider_mod, setup_mod = (session.pack_module(f"samplers.concept_conductor.{m}") for m in ("guider", "setup"))
 
-    import comfy.model_management
     import comfy.sample
     import comfy.samplers
-    import torch
-    from safetensors.torch import save_file
 
     import nodes
-    from tests.support.edlora_factory import clip_te_modules, official_edlora, sd15_unet_modules
-    from tests.support.lora_factory import make_lora
-    from tests.support.tiny_clip import build_tiny_clip
-    from tests.support.tiny_sd15 import build_small_sd15_model
 
-    guider_mod = session.pack_module("samplers.concept_conductor.guider")
-    setup_mod = session.pack_module("samplers.concept_conductor.setup")
-
-    t0 = time.perf_counter()
-    if args.quick:
-        model = build_small_sd15_model(seed=0, model_channels=QUICK_CHANNELS)
-        clip = build_tiny_clip("sd15", seed=0, layers=3, mlp=256)
-        unet_modules = sd15_unet_modules(channels_of=lambda block: QUICK_CHANNELS)
-        te_modules = clip_te_modules(3, 768)
-        shape = f"SD1.5-shaped UNet {QUICK_CHANNELS} channels wide (random), CLIP-L with 3 layers (random)"
-    else:
-        model = build_unet(seed=0)
-        clip = build_tiny_clip("sd15", seed=0, layers=None, mlp=None)
-        unet_modules = sd15_unet_modules(channels_of=sd15_block_width)
-        te_modules = None  # the factory's default: SD1.5's 12 CLIP-L layers
-        shape = "SD1.5 widths (random), CLIP-L (random, 12 layers)"
-    model_mib = sum(p.numel() * p.element_size() for p in model.model.parameters()) / 2**20
-    print(f"built the model ({sum(p.numel() for p in model.model.parameters()) / 1e6:.0f}M UNet parameters) and text "
-          f"encoder in {time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
+    model, clip, model_mib = built.model, built.clip, built.model_mib
+    unet_modules, te_modules = built.edlora_modules()
     stacks = {}
     stack = None
     for i, (words, class_word, seed) in enumerate(CONCEPTS[: max(counts)]):
@@ -151,9 +128,7 @@ def main() -> int:
                        session.models_dir / "loras" / name)  # fmt: skip
             node = session.node_class("MultiConceptStackEDLoRA")
         else:
-            name = f"bench_cc_{i}.safetensors"
-            lora = make_lora(model, transformer_linears(model), rank=16, seed=seed, scale=0.4)
-            save_file(lora, str(session.models_dir / "loras" / name))
+            name = built.files[i]
             node = session.node_class("MultiConceptStackLoRA")
         stack = node.execute(name, 1.0, 1.0, class_word, concepts=stack, class_word=class_word).result[0]
         stacks[i + 1] = stack
@@ -165,12 +140,9 @@ def main() -> int:
     noise = comfy.sample.prepare_noise(latent, 0)
     sampler = comfy.samplers.sampler_object("euler")
     settings = guider_mod.ConductorSettings()
-    cuda = comfy.model_management.get_torch_device().type == "cuda"
-
-    def now():
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
+    clock = harness.Clock()
+    now = clock.now
+    column_1 = harness.to_latent(column_masks(1, s)[0], s // 8)  # concept 1's column on the latent grid
 
     # the forward/backward boundary of an alignment pass: the loss is computed right after the truncated forward
     mark = {"loss_at": None}
@@ -197,66 +169,67 @@ def main() -> int:
 
         return wrapper
 
-    def plain(n_steps=steps):
-        out = comfy.sample.sample(model, noise, n_steps, CFG, "euler", "normal", pos, neg, latent, disable_pbar=True,
-                                  seed=0)  # fmt: skip
-        return out, {}, {}
+    def plain(mdl, n_steps=steps):
+        def run():
+            out = comfy.sample.sample(mdl, noise, n_steps, CFG, "euler", "normal", pos, neg, latent,
+                                      disable_pbar=True, seed=0)  # fmt: skip
+            return out, {}, {}
+
+        return run
 
     def sigmas():
         return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
 
     def conductor(n):
-        def run():
-            split = dict.fromkeys((*PARTS, "alignment forward", "alignment backward"), 0.0)
-            t = now()
-            guider = setup_mod.build_guider("bench", model, clip, stacks[n], SCENE, NEGATIVE, CFG, column_masks(n, s),
-                                            settings)  # fmt: skip
-            split["setup"] = now() - t
-            guider._reference_run = timed(split, "reference", guider._reference_run)
-            guider._align = timed(split, "alignment", guider._align)
-            guider.branch_outputs = timed(split, "branches", guider.branch_outputs)
-            guider.state.refine = timed(split, "refinement", guider.state.refine)
-            out = guider.sample(noise, latent, sampler, sigmas(), disable_pbar=True, seed=0)
-            info = {"aligned": guider.steps_aligned, "refinements": guider.state.refinements,
-                    "reference_steps": max(settings.alignment_steps(steps), default=-1) + 1}  # fmt: skip
-            return out, split, info
+        def make(mdl):
+            def run():
+                split = dict.fromkeys((*PARTS, "alignment forward", "alignment backward"), 0.0)
+                t = now()
+                guider = setup_mod.build_guider("bench", mdl, clip, stacks[n], SCENE, NEGATIVE, CFG,
+                                                column_masks(n, s), settings)  # fmt: skip
+                split["setup"] = now() - t
+                guider._reference_run = timed(split, "reference", guider._reference_run)
+                guider._align = timed(split, "alignment", guider._align)
+                guider.branch_outputs = timed(split, "branches", guider.branch_outputs)
+                guider.state.refine = timed(split, "refinement", guider.state.refine)
+                out = guider.sample(noise, latent, sampler, sigmas(), disable_pbar=True, seed=0)
+                info = {"aligned": guider.steps_aligned, "refinements": guider.state.refinements,
+                        "reference_steps": max(settings.alignment_steps(steps), default=-1) + 1}  # fmt: skip
+                return out, split, info
 
-        return run
+            return run
 
-    configs = {"plain": plain, **{f"conductor x{n}": conductor(n) for n in counts}}
+        return make
+
+    makers = {"plain": plain, **{f"conductor x{n}": conductor(n) for n in counts}}
+    configs, counters = harness.counted_configs(makers, model)  # each configuration counts the UNet rows it runs
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        plain(1)  # load the model once, untimed (one step is enough)
-        print(f"untimed first plain step (loads the model) {time.perf_counter() - t0:.0f}s", flush=True)
-        times = {k: [] for k in configs}
+        t0 = now()
+        plain(model, 1)()  # load the model once, untimed (one step is enough)
+        print(f"untimed first plain step (loads the model) {now() - t0:.0f}s", flush=True)
         splits = {k: [] for k in configs}
-        infos = {}
-        growth = {k: 0.0 for k in configs}
-        for r in range(args.repeats):
-            for label, fn in configs.items():
-                with RunMemory() as mem:
-                    t0 = now()
-                    out, split, info = fn()
-                    times[label].append(now() - t0)
-                growth[label] = max(growth[label], mem.growth_mib)
-                splits[label].append(split)
-                infos[label] = info
-                assert torch.isfinite(out).all(), label
-                parts = "  ".join(f"{k} {v:.1f}s" for k, v in split.items() if k in PARTS)
-                print(f"  repeat {r + 1}/{args.repeats} {label:14} {times[label][-1]:8.1f}s  +{mem.growth_mib:6.0f} MiB"
-                      f"  {parts}", flush=True)  # fmt: skip
-    guider_mod.layout_loss = original_loss
 
-    med = {k: statistics.median(v) for k, v in times.items()}
+        def keep_split(label, result):  # each repeat's split; its parts end the printed line
+            splits[label].append(result[1])
+            return "  ".join(f"{k} {v:.1f}s" for k, v in result[1].items() if k in PARTS)
+
+        # interleaved repeats; every conductor run must change plain's final latent in concept 1's column
+        measured = harness.run_interleaved(configs, counters, args.repeats, steps, region=column_1,
+                                           output=lambda result: result[0], after=keep_split, clock=clock)  # fmt: skip
+    guider_mod.layout_loss = original_loss
+    times, growth, rows = measured.times, measured.memory, measured.rows
+    infos = {k: v[2] for k, v in measured.results.items()}
+
+    med = {k: times.median(k) for k in configs}
     plain_s = med["plain"]
-    ratio = {k: med[k] / plain_s for k in med}
+    ratio = {k: times.ratio(k) for k in configs}
     part_s = {
         k: {p: statistics.median(sp[p] for sp in splits[k]) for p in splits[k][0]} for k in configs if k != "plain"
     }
     for k, parts in part_s.items():
         parts["other"] = med[k] - sum(parts[p] for p in PARTS)
     part_ratio = {k: {p: v / plain_s for p, v in parts.items()} for k, parts in part_s.items()}
-    mem_ratio = {k: (model_mib + growth[k]) / (model_mib + growth["plain"]) for k in med}
+    mem_ratio = measured.memory_ratio(model_mib)
     floor = {f"conductor x{n}": infos[f"conductor x{n}"]["reference_steps"] / steps + n + 1 for n in counts}
     growth_per_concept = float("nan")
     if len(counts) > 1:
@@ -276,15 +249,17 @@ def main() -> int:
     at20 = {k: projected(k, PROJECTED_STEPS) for k in part_s}
     total = time.perf_counter() - t_start
 
-    print(f"\nConcept Conductor benchmark: {s}x{s}, {shape}, "
-          f"{'ED-LoRA (rank 4)' if args.kind == 'edlora' else 'LoRA (rank 16)'} concepts, {steps} steps euler, CFG {CFG}, "
-          f"official default settings (alignment steps {settings.alignment_steps(steps)}, refinement steps "
-          f"{settings.refine_steps(steps)}), {args.repeats} repeat(s), {comfy.model_management.get_torch_device()}, "
-          f"ComfyUI {session.version}, torch {torch.__version__}")  # fmt: skip
-    print(f"{'':16}{'run':>9}{'vs plain':>10}{'floor':>8}{'working memory':>16}{'memory vs plain':>17}")
-    for k in configs:
-        fl = f"{floor[k]:7.2f}x" if k in floor else f"{'':8}"
-        print(f"{k:16}{med[k]:8.1f}s{ratio[k]:9.2f}x{fl}{growth[k]:13.0f} MiB{mem_ratio[k]:15.2f}x")
+    kind = "ED-LoRA (rank 4)" if args.kind == "edlora" else "LoRA (rank 16)"
+    defaults = f"alignment steps {settings.alignment_steps(steps)}, refinement steps {settings.refine_steps(steps)}"
+    title = ", ".join((f"Concept Conductor benchmark: {s}x{s}", built.shape, f"{kind} concepts",
+                       f"{steps} steps euler", f"CFG {CFG}", f"official default settings ({defaults})",
+                       f"{args.repeats} repeat(s)", harness.describe_machine(session)))  # fmt: skip
+    harness.print_tables(title, times, {"floor x": (floor, "8.2f"), "rows/step": (rows, "10.1f"),
+                                        "working memory MiB": (growth, "20.0f"),
+                                        "memory vs plain": (mem_ratio, "17.2f")})  # fmt: skip
+    print("floor: the reference's share of the steps + N + 1 branches, without alignment; rows/step: latent rows "
+          "through ComfyUI's model per step; working memory: the peak during the run over its start, the largest of "
+          "the repeats.")  # fmt: skip
     cols = (*PARTS, "other", "alignment forward", "alignment backward")
     print("\nsplit, each part's seconds over plain's whole run (alignment = forward + backward):")
     print(f"{'':16}" + "".join(f"{c.replace('alignment ', 'align '):>15}" for c in cols))
@@ -305,21 +280,21 @@ def main() -> int:
     print(f"growth per concept: +{growth_per_concept:.2f}x of plain. model weights {model_mib:.0f} MiB; memory ratio = "
           f"(weights + run's working memory) / plain's. Run took {total:.0f}s.")  # fmt: skip
 
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(exist_ok=True)
     name = "concept_conductor_quick.json" if args.quick else f"concept_conductor_{s}x{s}.json"
     if counts != [1, 2, 3]:
         name = "concept_conductor_partial.json"
-    report = {"setup": vars(args), "run_seconds": med, "ratio_vs_plain": ratio, "part_seconds": part_s,
+    report = {"setup": vars(args), "run_seconds": med, "ratio_vs_plain": ratio,
+              "ratio_spread": {k: times.ratio_spread(k) for k in configs}, "unet_rows_per_step": rows,
+              "part_seconds": part_s,
               "part_ratio_vs_plain": part_ratio, "floor": floor, "runs": infos, "working_memory_mib": growth,
               "memory_ratio": mem_ratio, "growth_per_concept": growth_per_concept,
               f"ratio_projected_{PROJECTED_STEPS}_steps": at20, "total_seconds": total}  # fmt: skip
-    (out / name).write_text(json.dumps(report, indent=2))
-    print(f"written to {out / name}")
+    print(f"written to {harness.write_results(name, report)}")
 
-    figures = Figures()
+    figures = harness.Figures(args.device)
     if "conductor x2" in ratio:
-        figures.add("concept_conductor_time_ratio_2_concepts", ratio["conductor x2"], target=4.0)
+        figures.add("concept_conductor_time_ratio_2_concepts", ratio["conductor x2"], target=4.0,
+                    spread=times.ratio_spread("conductor x2"))  # fmt: skip
         figures.add(f"concept_conductor_time_ratio_2_concepts_projected_{PROJECTED_STEPS}_steps", at20["conductor x2"],
                     target=4.0)  # fmt: skip
         for part in ("reference", "branches", "alignment", "refinement"):
@@ -328,11 +303,13 @@ def main() -> int:
         figures.add("concept_conductor_working_memory_2_concepts", growth["conductor x2"], unit="MiB")
     for n in counts:
         if n != 2:
-            figures.add(f"concept_conductor_time_ratio_{n}_concept{'s' if n > 1 else ''}", ratio[f"conductor x{n}"])
+            label = f"conductor x{n}"
+            figures.add(f"concept_conductor_time_ratio_{n}_concept{'s' if n > 1 else ''}", ratio[label],
+                        spread=times.ratio_spread(label))  # fmt: skip
     if growth_per_concept == growth_per_concept:
         figures.add("concept_conductor_growth_per_concept", growth_per_concept)
     figures.add_peak_memory("concept_conductor_bench_peak_rss")
-    figures.print()
+    figures.print(args.figures)
     return 0
 
 

@@ -2,12 +2,13 @@
 
     python benchmarks/bench_fusion.py [--quick] [--concepts 2,4] [--size 512] [--steps 5] [--text-iters 5]
                                       [--unet-iters 2] [--save-dtype fp16] [--repeats 1] [--probe-official]
-                                      [--only "closed form x2,L-BFGS x2"]
+                                      [--only "closed form x2,L-BFGS x2"] [--device auto|cpu|cuda] [--figures FILE]
 
-Needs ComfyUI (COMFYUI_PATH or ~/comfy/ComfyUI) and the test venv. The model is an SD1.5 UNet at full widths
-(320/640/1280, 860M parameters, seeded random weights; benchmarks/bench_scoped_lora.py builds it), the text
-encoder a full-size random CLIP-L (12 layers, width 768). The concepts are synthetic ED-LoRAs in the official
-Mix-of-Show layout (tests/support/edlora_factory.py: rank 4 on q/k/v/out of every text-encoder layer and of
+Needs ComfyUI (COMFYUI_PATH or ~/comfy/ComfyUI) and the test venv. ComfyUI runs in this process on
+``--device`` (cuda when a GPU is present); the models are built there (benchmarks/harness.py
+``sd15_bench_models``): an SD1.5 UNet at full widths (320/640/1280, 860M parameters, seeded random weights;
+fp16 on CUDA, fp32 on the CPU), a full-size random CLIP-L (12 layers, width 768). The concepts are synthetic ED-LoRAs in the official
+Mix-of-Show layout (tests/support/builders/edlora.py: rank 4 on q/k/v/out of every text-encoder layer and of
 attn1/attn2 of all 16 transformer blocks, 16 layer tokens per word), each with its own words and seed, put on
 a concept stack with the Concept Stack: ED-LoRA node. The 2-concept stack is the first two of the 4.
 
@@ -16,12 +17,19 @@ the closed-form solver and with L-BFGS, same stack, same settings, under ``torch
 executor runs the Fuse Concepts node (saving the file is not timed), after an untimed warm-up fusion (1 step,
 64x64). A fusion records every concept's layer inputs (prompts through the text encoder, then a sampling run of
 ``--steps`` steps at ``--size`` with the fused keys/values) and solves each layer. Reported per run: the whole
-fusion's seconds (recording included), the solver's seconds alone (``FusionRun.solve_seconds``), per stage,
-L-BFGS's objective evaluations per layer and their cost, working memory (the highest resident memory during
-the run over the memory at its start, freed memory returned to the system first), and the mean relative error
+fusion's seconds (recording included; the clock waits for the GPU), the solver's seconds alone
+(``FusionRun.solve_seconds``), per stage, L-BFGS's objective evaluations per layer and their cost, working
+memory (the peak during the run over its start: CUDA's allocated memory, or the resident memory with freed
+memory returned to the system first), and the mean relative error
 of the fused layers over every layer and concept (``‖(W − W_i) X_i‖ / ‖W_i X_i‖`` on concept ``i``'s own
 inputs, of the weights as saved) next to the plain sum of the LoRAs'. Plain: one ComfyUI txt2img run of the
-same steps and size (CFG 7.5, positive + negative, dpmpp_2m), after an untimed load.
+same steps and size (CFG 7.5, positive + negative, dpmpp_2m), after an untimed load. Times: the median over
+repeats, with the spread of the per-repeat ratios (each repeat's fusion over plain's, or L-BFGS's over the
+closed form's, in that repeat), which the time figures carry.
+
+Checks, before a run's time counts (benchmarks/harness.py ``check_did_work``): plain's latent is finite and not
+flat, and every fusion's weight differences (UNet and text encoder, W_fused − W0) are finite and not all zero,
+and its residuals finite: a fusion that skipped its layers would otherwise look fast.
 
 Iterations. The official L-BFGS settings (500 iterations for the text encoder and keys/values, 50 for the other
 UNet layers; ``--text-iters 500 --unet-iters 50``) do not fit on 2 CPU cores: the solver works on the recorded
@@ -32,26 +40,24 @@ L-BFGS only makes it faster and its residual higher, so the speedup measured is 
 one (read the residual ratio with that in mind). ``--probe-official`` re-solves one layer of each stage and
 shape at the official iterations and estimates the whole official solve from it (slow). ``--quick``: a small
 SD1.5-shaped UNet (64 channels everywhere), a 3-layer CLIP-L, 64x64, 4 steps, 10 / 3 iterations. The output
-ends with one JSON figure per line (benchmarks/figures.py).
+ends with one JSON figure per line (benchmarks/figures.py; ``--figures FILE`` appends them there too).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import math
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-from benchmarks.bench_mixofshow import RunMemory  # noqa: E402
-from benchmarks.bench_scoped_lora import build_unet  # noqa: E402
-from benchmarks.figures import Figures  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import harness  # noqa: E402
+from tests.support.builders.edlora import official_edlora  # noqa: E402
 
 SOLVERS = ("closed form", "L-BFGS")
 CONCEPTS = (  # words, class word, seed
@@ -69,15 +75,6 @@ DEFAULT_ITERS = (5, 2)  # what fits the benchmark in ~40 minutes on 2 CPU cores 
 QUICK_ITERS = (10, 3)
 
 
-def sd15_block_width(block: str) -> int:
-    """SD1.5's transformer width of a diffusers block name (320/640/1280)."""
-    if block.startswith("mid_block"):
-        return 1280
-    level = int(block.split(".")[1])
-    widths = (320, 640, 1280, 1280)
-    return widths[level] if block.startswith("down_blocks") else widths[3 - level]
-
-
 def key_of(solver: str, n: int) -> str:
     return f"{solver} x{n}"
 
@@ -87,10 +84,12 @@ def slug(solver: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    t_start = time.perf_counter()
+    quick = "small UNet (64 wide), 3-layer CLIP, 64x64, 4 steps, 10/3 iterations"
+    size = (512, "recording (and plain) image size, square")
+    steps = (5, "recording (and plain) sampling steps (official: 20)")
+    parser = harness.bench_parser(__doc__, quick, size=size, steps=steps, repeats=1)
     parser.add_argument("--concepts", default="2,4", help="comma-separated concept counts (at most 4)")
-    parser.add_argument("--size", type=int, default=512, help="recording (and plain) image size, square")
-    parser.add_argument("--steps", type=int, default=5, help="recording (and plain) sampling steps (official: 20)")
     parser.add_argument(
         "--text-iters",
         type=int,
@@ -108,10 +107,6 @@ def main() -> int:
     parser.add_argument("--save-dtype", default="fp16", choices=("fp16", "fp32", "bf16"),
                         help="precision of the fused differences (the residuals are of the weights as saved)")  # fmt: skip
     parser.add_argument("--lora-scale", type=float, default=0.1, help="scale of the synthetic LoRA factors")
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved repetitions per configuration")
-    parser.add_argument(
-        "--quick", action="store_true", help="small UNet (64 wide), 3-layer CLIP, 64x64, 4 steps, 10/3 iterations"
-    )
     parser.add_argument(
         "--probe-official",
         action="store_true",
@@ -119,9 +114,7 @@ def main() -> int:
         "and estimate the official solve time from it (slow: minutes per layer at SD1.5 widths)",
     )
     parser.add_argument("--only", default="", help='comma-separated configurations, e.g. "closed form x2,L-BFGS x2"')
-    args = parser.parse_args()
-    if args.quick:
-        args.size, args.steps = 64, 4
+    args = harness.parse_args(parser, quick={"size": 64, "steps": 4})
     iters = QUICK_ITERS if args.quick else DEFAULT_ITERS
     args.text_iters = iters[0] if args.text_iters is None else args.text_iters
     args.unet_iters = iters[1] if args.unet_iters is None else args.unet_iters
@@ -130,54 +123,22 @@ def main() -> int:
         parser.error(f"--concepts: counts between 2 and {len(CONCEPTS)}")
     if args.size % 8:
         parser.error("--size must be a multiple of 8")
-    configs = [(n, s) for n in counts for s in SOLVERS]
-    if args.only:
-        wanted = {w.strip() for w in args.only.split(",") if w.strip()}
-        known = {key_of(s, n) for n, s in configs}
-        if wanted - known:
-            parser.error(f"--only: unknown configuration(s) {sorted(wanted - known)}; known: {sorted(known)}")
-        configs = [(n, s) for n, s in configs if key_of(s, n) in wanted]
-    t_start = time.perf_counter()
+    configs = {key_of(s, n): (n, s) for n in counts for s in SOLVERS}
+    configs = list(harness.select_only(configs, args.only, keep=(), parser=parser).values())
 
-    from tests.support.locate import find_comfyui
-
-    comfy_path = find_comfyui()
-    if comfy_path is None:
-        print("ComfyUI not found: set COMFYUI_PATH=/path/to/ComfyUI")
+    if (session := harness.start_comfy(args, "mc_bench_fusion_")) is None:
         return 2
-    from tests.support.comfy_inprocess import make_session
 
-    session = make_session(comfy_path, Path(tempfile.mkdtemp(prefix="mc_bench_fusion_")))
+    built = harness.sd15_bench_models(args, session, small_channels=QUICK_CHANNELS if args.quick else None)
+    model, clip, shape = built.model, built.clip, built.shape
+    unet_modules, te_modules = built.edlora_modules()
+    fuse_mod, solvers_mod = (session.pack_module(f"samplers.fusion.{m}") for m in ("fuse", "solvers"))
+    stack_node = session.node_class("MultiConceptStackEDLoRA")
+    clock = harness.Clock()
 
-    import comfy.model_management
     import comfy.sample
-    import torch
 
     import nodes
-    from tests.support.edlora_factory import clip_te_modules, official_edlora, sd15_unet_modules
-    from tests.support.tiny_clip import build_tiny_clip
-    from tests.support.tiny_sd15 import build_small_sd15_model
-
-    fuse_mod = session.pack_module("samplers.fusion.fuse")
-    solvers_mod = session.pack_module("samplers.fusion.solvers")
-    stack_node = session.node_class("MultiConceptStackEDLoRA")
-
-    t0 = time.perf_counter()
-    if args.quick:
-        model = build_small_sd15_model(seed=0, model_channels=QUICK_CHANNELS)
-        clip = build_tiny_clip("sd15", seed=0, layers=3, mlp=256)
-        unet_modules = sd15_unet_modules(channels_of=lambda block: QUICK_CHANNELS)
-        te_modules = clip_te_modules(3, 768)
-        shape = f"SD1.5-shaped UNet {QUICK_CHANNELS} channels wide (random), CLIP-L with 3 layers (random)"
-    else:
-        model = build_unet(seed=0)
-        clip = build_tiny_clip("sd15", seed=0, layers=None, mlp=None)
-        unet_modules = sd15_unet_modules(channels_of=sd15_block_width)
-        te_modules = None  # the factory's default: SD1.5's 12 CLIP-L layers
-        shape = "SD1.5 widths (random), CLIP-L (random, 12 layers)"
-    n_params = sum(p.numel() for p in model.model.parameters()) / 1e6
-    print(f"built the model ({n_params:.0f}M UNet parameters) and text encoder in {time.perf_counter() - t0:.0f}s",
-          flush=True)  # fmt: skip
 
     stacks = {}
     stack = None
@@ -206,10 +167,10 @@ def main() -> int:
         return orig_solve_layers(*a, **kw)
 
     def solve(*a, **kw):
-        t, evals = time.perf_counter(), evals_by_stage[current["stage"]]
+        t, evals = clock.now(), evals_by_stage[current["stage"]]
         out = orig_solve(*a, **kw)
         stage = current["stage"]
-        solve_by_stage[stage] += time.perf_counter() - t
+        solve_by_stage[stage] += clock.now() - t
         layers_by_stage[stage] += 1
         shape = tuple(a[0].base.shape)
         shapes_by_stage[(stage, *shape)] += 1
@@ -250,22 +211,33 @@ def main() -> int:
 
         return fuse_mod.fuse_stack(model, clip, stacks[n], settings, progress=progress)
 
+    def check_fusion(label, run):
+        """The fusion did its work: weight differences for the UNet and the text encoder, finite and not all zero
+        (a sample of each tensor), and finite residuals."""
+        for part, deltas in (("UNet", run.fused.unet), ("text encoder", run.fused.clip)):
+            if not deltas:
+                raise harness.BenchmarkError(f"{label}: the fusion wrote no {part} weight differences")
+            sample = torch.cat([t.detach().float().flatten()[:4096].cpu() for t in deltas.values()])
+            harness.check_did_work(f"{label} ({part} weight differences)", sample)
+        errors = [e for x in run.fused.residuals for e in (*x["fused"], *x["sum"])]
+        if not errors or not all(math.isfinite(e) for e in errors):
+            raise harness.BenchmarkError(f"{label}: the fusion's residuals are missing or not finite")
+
     runs: dict[str, list[dict]] = defaultdict(list)
     plain_runs: list[dict] = []
+    times, solves = harness.Repeats(), harness.Repeats()  # whole runs (plain and fusions); the fusions' solver seconds
     with torch.inference_mode():
-        t0 = time.perf_counter()
+        t0 = clock.now()
         plain()  # loads the model and the text encoder, untimed
-        print(f"untimed first plain run (loads the model) {time.perf_counter() - t0:.0f}s", flush=True)
-        t0 = time.perf_counter()
+        print(f"untimed first plain run (loads the model) {clock.now() - t0:.0f}s", flush=True)
+        t0 = clock.now()
         warm = fuse_mod.FusionSettings(solver="closed form", steps=1, width=64, height=64, save_dtype=args.save_dtype)
         fuse_mod.fuse_stack(model, clip, stacks[min(counts)], warm)  # first-use costs (encoders, solvers), untimed
-        print(f"untimed warm-up fusion (closed form, 1 step at 64x64) {time.perf_counter() - t0:.0f}s", flush=True)
+        print(f"untimed warm-up fusion (closed form, 1 step at 64x64) {clock.now() - t0:.0f}s", flush=True)
         for r in range(args.repeats):
-            with RunMemory() as mem:
-                t0 = time.perf_counter()
-                out = plain()
-                seconds = time.perf_counter() - t0
-            assert torch.isfinite(out).all(), "plain"
+            out, seconds, mem = harness.timed_run(plain, clock)
+            harness.check_did_work("plain", out)
+            times.add("plain", r, seconds)
             plain_runs.append({"seconds": seconds, "memory_mib": mem.growth_mib})
             print(f"  repeat {r + 1}/{args.repeats} {'plain':16} {seconds:8.1f}s  +{mem.growth_mib:6.0f} MiB",
                   flush=True)  # fmt: skip
@@ -274,10 +246,10 @@ def main() -> int:
                 print(f"  repeat {r + 1}/{args.repeats} {label} ...", flush=True)
                 for table in (solve_by_stage, layers_by_stage, evals_by_stage, capped_by_stage, shapes_by_stage):
                     table.clear()
-                with RunMemory() as mem:
-                    t0 = time.perf_counter()
-                    run = fusion(n, solver)
-                    seconds = time.perf_counter() - t0
+                run, seconds, mem = harness.timed_run(lambda n=n, solver=solver: fusion(n, solver), clock)
+                check_fusion(label, run)  # before its time counts
+                times.add(label, r, seconds)
+                solves.add(label, r, run.solve_seconds)
                 residuals = run.fused.residuals
                 per_stage = {}
                 for stage in STAGES:
@@ -313,12 +285,12 @@ def main() -> int:
             iters = OFFICIAL_ITERS[1] if stage == "UNet" else OFFICIAL_ITERS[0]
             current["stage"] = "probe"
             evals_by_stage["probe"] = 0
-            t0 = time.perf_counter()
+            t0 = clock.now()
             w_lbfgs = solvers_mod.lbfgs(problem, iters=iters)
-            seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            seconds = clock.now() - t0
+            t0 = clock.now()
             w_closed = solvers_mod.closed_form(problem)
-            closed_seconds = time.perf_counter() - t0
+            closed_seconds = clock.now() - t0
             err_l, err_c = solvers_mod.relative_errors(problem, w_lbfgs, w_closed)  # in float32, not as saved
             probes[key] = {"seconds": seconds, "evals": evals_by_stage["probe"], "iters": iters,
                            "closed_form_seconds": closed_seconds, "lbfgs_error": statistics.mean(err_l),
@@ -335,21 +307,24 @@ def main() -> int:
             shapes = runs[label][0]["layer_shapes"]
             official[n] = sum(probes[k]["seconds"] * shapes.get(f"{k[1]} {k[2]}x{k[3]}", 0) for k in keys)
 
-    def best(label, field):  # the fastest repeat for times, the largest for memory, the median otherwise
+    def best(label, field):  # times: the median over repeats; memory: the largest; the median otherwise
+        if field == "seconds":
+            return times.median(label)
+        if field == "solve_seconds":
+            return solves.median(label)
         values = [x[field] for x in runs[label]]
-        if field.endswith("seconds"):
-            return min(values)
         return max(values) if field.startswith("memory") else statistics.median(values)
 
-    plain_s = min(x["seconds"] for x in plain_runs)
+    plain_s = times.median("plain")
     plain_mem = max(x["memory_mib"] for x in plain_runs)
     total = time.perf_counter() - t_start
     print(f"\nFusion benchmark: {shape}, {max(counts)} synthetic ED-LoRAs (rank 4, LoRA scale {args.lora_scale}), "
           f"recording {args.size}x{args.size} x {args.steps} steps (dpmpp_2m, cfg 1), L-BFGS iterations "
           f"{args.text_iters} (text encoder, k/v) / {args.unet_iters} (UNet), saved as {args.save_dtype}, "
-          f"{args.repeats} repeat(s), {comfy.model_management.get_torch_device()}, ComfyUI {session.version}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
-    print(f"{'':16}{'fusion':>9}{'solve':>9}{'record':>9}{'vs plain':>10}{'memory':>10}{'fused err':>11}"
+          f"{args.repeats} repeat(s), {harness.describe_machine(session)}, {torch.get_num_threads()} threads")  # fmt: skip
+    for line in times.table_rows(unit=1.0, suffix="s", digits=1):
+        print(line)
+    print(f"\n{'':16}{'fusion':>9}{'solve':>9}{'record':>9}{'vs plain':>10}{'memory':>10}{'fused err':>11}"
           f"{'sum err':>9}{'worst':>9}")  # fmt: skip
     print(f"{'plain':16}{plain_s:8.1f}s{'':>9}{'':>9}{1.0:9.2f}x{plain_mem:6.0f} MiB")
     for n, solver in configs:
@@ -379,29 +354,27 @@ def main() -> int:
         vs = f", {seconds / best(cf, 'solve_seconds'):.0f}x the closed form's solve" if cf in runs else ""
         print(f"estimated L-BFGS solve at the official {OFFICIAL_ITERS[0]}/{OFFICIAL_ITERS[1]} iterations, {n} concepts: "
               f"{seconds:.0f}s (one layer per stage and shape re-solved, times its number of layers){vs}")  # fmt: skip
-    print(f"fusion: the whole fuse_stack (recording + solving), fastest repeat; solve: the solver alone; vs plain: "
-          f"fusion over one plain txt2img run of {args.steps} steps at {args.size}x{args.size} (CFG 7.5, dpmpp_2m); "
-          f"memory: highest RSS during the run over its start (after malloc_trim); errors: mean over layers and "
-          f"concepts of the relative output error on each concept's own inputs. Run took {total:.0f}s.")  # fmt: skip
+    print(f"fusion: the whole fuse_stack (recording + solving), median over repeats (the first table: its spread "
+          f"over repeats, and the ratio to plain with the lowest and highest ratio within one repeat); solve: the "
+          f"solver alone; vs plain: fusion over one plain txt2img run of {args.steps} steps at "
+          f"{args.size}x{args.size} (CFG 7.5, dpmpp_2m); memory: the peak during the run over its start (CUDA: "
+          f"allocated; CPU: RSS after malloc_trim); errors: mean over layers and concepts of the relative output "
+          f"error on each concept's own inputs. Run took {total:.0f}s.")  # fmt: skip
 
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(exist_ok=True)
     name = "fusion_partial.json" if args.only else ("fusion_quick.json" if args.quick else "fusion.json")
-    (out / name).write_text(json.dumps({"setup": {**vars(args), "model": shape}, "plain": plain_runs, "runs": runs,
-                                        "official_lbfgs_probes": {" ".join(map(str, k)): v for k, v in probes.items()},
-                                        "official_lbfgs_solve_estimate": official, "total_seconds": total},
-                                       indent=2))  # fmt: skip
-    print(f"written to {out / name}")
+    report = {"setup": {**vars(args), "model": shape}, "plain": plain_runs, "runs": runs,
+              "official_lbfgs_probes": {" ".join(map(str, k)): v for k, v in probes.items()},
+              "official_lbfgs_solve_estimate": official, "total_seconds": total}  # fmt: skip
+    print(f"written to {harness.write_results(name, report)}")
 
-    figures = Figures()
+    figures = harness.Figures(args.device)
     for n in counts:
         cf, lb = key_of("closed form", n), key_of("L-BFGS", n)
         if cf in runs and lb in runs:
-            figures.add(f"fusion_solve_speedup_{n}_concepts", best(lb, "solve_seconds") / best(cf, "solve_seconds"),
-                        target=10.0, better="higher")  # fmt: skip
-            figures.add(
-                f"fusion_total_speedup_{n}_concepts", best(lb, "seconds") / best(cf, "seconds"), better="higher"
-            )
+            figures.add(f"fusion_solve_speedup_{n}_concepts", solves.ratio(lb, cf), target=10.0, better="higher",
+                        spread=solves.ratio_spread(lb, cf))  # fmt: skip
+            figures.add(f"fusion_total_speedup_{n}_concepts", times.ratio(lb, cf), better="higher",
+                        spread=times.ratio_spread(lb, cf))  # fmt: skip
             err_cf, err_lb = best(cf, "fused_error"), best(lb, "fused_error")
             ratio = err_cf / err_lb if err_lb > 0 else (1.0 if err_cf == 0 else float("inf"))
             figures.add(f"fusion_residual_ratio_{n}_concepts", ratio, target=1.0)
@@ -411,8 +384,10 @@ def main() -> int:
         for solver in SOLVERS:
             label = key_of(solver, n)
             if label in runs:
-                figures.add(f"fusion_time_ratio_vs_plain_{slug(solver)}_{n}_concepts", best(label, "seconds") / plain_s)
-                figures.add(f"fusion_solve_seconds_{slug(solver)}_{n}_concepts", best(label, "solve_seconds"), unit="s")
+                figures.add(f"fusion_time_ratio_vs_plain_{slug(solver)}_{n}_concepts", times.ratio(label),
+                            spread=times.ratio_spread(label))  # fmt: skip
+                figures.add(f"fusion_solve_seconds_{slug(solver)}_{n}_concepts", solves.median(label), unit="s",
+                            spread=solves.spread(label))  # fmt: skip
                 figures.add(f"fusion_mean_error_{slug(solver)}_{n}_concepts", best(label, "fused_error"))
                 figures.add(f"fusion_peak_memory_{slug(solver)}_{n}_concepts", best(label, "memory_mib"), unit="MiB")
         label = next((key_of(s, n) for s in SOLVERS if key_of(s, n) in runs), None)
@@ -420,7 +395,7 @@ def main() -> int:
             figures.add(f"fusion_plain_sum_error_{n}_concepts", best(label, "sum_error"))
     figures.add("fusion_plain_run_memory", plain_mem, unit="MiB")
     figures.add_peak_memory("fusion_bench_peak_rss")
-    figures.print()
+    figures.print(args.figures)
     return 0
 
 

@@ -1,14 +1,15 @@
 """LoRA-Composer cost (time and peak memory) as ratios against plain ComfyUI sampling in the same run.
 
     python benchmarks/bench_lora_composer.py [--quick] [--size 512 | --size 1024x768] [--steps 6] [--repeats 2]
-                                             [--only "lora-composer x2"]
+                                             [--only "lora-composer x2"] [--device auto|cpu|cuda] [--figures FILE]
 
-Needs ComfyUI (COMFYUI_PATH or ~/comfy/ComfyUI) and the test venv. The model is an SD1.5 UNet at full widths
-(860M parameters, seeded random weights; benchmarks/bench_scoped_lora.py builds it), the text encoder a
-full-size random CLIP-L. Two concepts, each a kohya-shaped LoRA (rank 16) on every linear layer of the
-transformer blocks with a class word, in two boxes side by side (left and right halves with a margin).
-Configurations, interleaved per repeat, each a whole sampling run of ``--steps`` steps (euler, CFG 7.5),
-under ``torch.inference_mode()`` as ComfyUI's executor runs nodes:
+Needs ComfyUI (COMFYUI_PATH or ~/comfy/ComfyUI) and the test venv. ComfyUI runs in this process on
+``--device`` (cuda when a GPU is present); the models are built there (benchmarks/harness.py
+``sd15_bench_models``): an SD1.5 UNet at full widths (860M parameters, seeded random weights; fp16 on CUDA,
+fp32 on the CPU), a full-size random CLIP-L. Two concepts, each a kohya-shaped LoRA (rank 16) on every linear
+layer of the transformer blocks with a class word, in two boxes side by side (left and right halves with a
+margin). Configurations, interleaved per repeat, each a whole sampling run of ``--steps`` steps (euler, CFG
+7.5), under ``torch.inference_mode()`` as ComfyUI's executor runs nodes:
 
 * plain: the model alone with the global prompt (one UNet call of 2 rows per step);
 * mixofshow x2: the Mix-of-Show Regional node with the two concepts (what LoRA-Composer builds on);
@@ -19,28 +20,31 @@ under ``torch.inference_mode()`` as ComfyUI's executor runs nodes:
   every step up to half of the schedule);
 * lora-composer x2 isolation only: no latent steps, no re-initialisation.
 
-Time: whole-run seconds over plain's (the model is loaded before timing). Peak memory: the highest resident
-memory during each run over the memory at its start (freed memory returned to the system first), and the
-ratio of (model + that growth) over plain's — the official code needs 39-56 GB of GPU memory at 1024x768.
-``--quick``: 256x256, 2 repeats. The output ends with one JSON figure per line (benchmarks/figures.py).
+Checks, before a run's time counts (benchmarks/harness.py ``check_did_work``): every final latent is finite and
+not flat, and every configuration but plain changes plain's inside the first concept's box. The UNet rows each
+configuration runs are counted (a DIFFUSION_MODEL wrapper) and printed per step.
+
+Time: whole-run seconds over plain's (the model is loaded before timing; the clock waits for the GPU), the
+median over repeats with the spread of the per-repeat ratios (each repeat's run over plain's in that repeat);
+the time-ratio figures carry that spread. Memory: the peak during each run over its start (CUDA: allocated
+memory; CPU: resident memory, freed memory returned to the system first), and the ratio of (model + that
+growth) over plain's — the official code needs 39-56 GB of GPU memory at 1024x768. ``--quick``: 256x256, 2
+repeats. The output ends with one JSON figure per line (benchmarks/figures.py; ``--figures FILE`` appends them
+there too).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-from benchmarks.bench_mixofshow import RunMemory  # noqa: E402
-from benchmarks.bench_scoped_lora import build_unet, transformer_linears  # noqa: E402
-from benchmarks.figures import Figures  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import harness  # noqa: E402
 
 GLOBAL = "a photo of a man and a dog in a garden, high detail"
 NEGATIVE = "blurry, lowres"
@@ -56,62 +60,29 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="512", help="image size: 512 or WIDTHxHEIGHT (e.g. 1024x768)")
-    parser.add_argument("--steps", type=int, default=6, help="sampling steps of every run")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved repetitions per configuration")
-    parser.add_argument("--quick", action="store_true", help="256x256, 2 repeats")
-    parser.add_argument("--only", default="", help="comma-separated configurations besides plain")
-    args = parser.parse_args()
-    if args.quick:
-        args.size, args.repeats = "256", 2
-    width, height = parse_size(args.size)
     t_start = time.perf_counter()
+    parser = harness.bench_parser(__doc__, "256x256, 2 repeats", steps=6, repeats=2)
+    parser.add_argument("--size", default="512", help="image size: 512 or WIDTHxHEIGHT (e.g. 1024x768)")
+    parser.add_argument("--only", default="", help="comma-separated configurations besides plain")
+    args = harness.parse_args(parser, quick={"size": "256", "repeats": 2})
+    width, height = parse_size(args.size)
 
-    from tests.support.locate import find_comfyui
-
-    comfy_path = find_comfyui()
-    if comfy_path is None:
-        print("ComfyUI not found: set COMFYUI_PATH=/path/to/ComfyUI")
+    if (session := harness.start_comfy(args, "mc_bench_lc_")) is None:
         return 2
-    from tests.support.comfy_inprocess import make_session
 
-    session = make_session(comfy_path, Path(tempfile.mkdtemp(prefix="mc_bench_lc_")))
+    built = harness.sd15_bench_models(args, session, n_loras=2, rank=16, name="bench_lc")
+    model, clip = built.model, built.clip
+    stack = built.lora_stack(session, [{"label": box["label"], "class_word": box["label"]} for box in BOXES])
+    regions_mod = session.pack_module("samplers.regions")
+    regions = regions_mod.parse_regions(json.dumps({"boxes": list(BOXES)}), width, height)
+    composer_node, mos_node = map(session.node_class, ("MultiConceptLoRAComposer", "MultiConceptMixOfShowRegional"))
 
-    import comfy.model_management
     import comfy.sample
     import comfy.samplers
-    import torch
-    from safetensors.torch import save_file
 
     import nodes
-    from tests.support.lora_factory import make_lora
-    from tests.support.tiny_clip import build_tiny_clip
 
-    stack_mod = session.pack_module("samplers.concept_stack")
-    regions_mod = session.pack_module("samplers.regions")
-    composer_node = session.node_class("MultiConceptLoRAComposer")
-    mos_node = session.node_class("MultiConceptMixOfShowRegional")
-
-    model = build_unet(seed=0)
-    model_mib = sum(p.numel() * p.element_size() for p in model.model.parameters()) / 2**20
-    clip = build_tiny_clip("sd15", seed=0, layers=None, mlp=None)
-    loras = [make_lora(model, transformer_linears(model), rank=16, seed=100 + i, scale=0.4) for i in range(2)]
-    stack = stack_mod.ConceptStack()
-    for i, box in enumerate(BOXES):
-        save_file(loras[i], str(session.models_dir / "loras" / f"bench_lc_{i}.safetensors"))
-        stack = stack.with_concept(
-            stack_mod.Concept(
-                uid="",
-                kind="lora",
-                source=f"bench_lc_{i}.safetensors",
-                words=(),
-                label=box["label"],
-                class_word=box["label"],
-                adapter=stack_mod.LoRAFile(f"bench_lc_{i}", loras[i]),
-            )  # fmt: skip
-        )
-    regions = regions_mod.parse_regions(json.dumps({"boxes": list(BOXES)}), width, height)
+    box_1 = regions.masks(height // 8, width // 8)[0]  # the first concept's box on the latent grid
     encode = nodes.CLIPTextEncode().encode
     pos, neg = encode(clip, GLOBAL)[0], encode(clip, NEGATIVE)[0]
     latent = torch.zeros(1, 4, height // 8, width // 8)
@@ -120,91 +91,86 @@ def main() -> int:
     sampler = comfy.samplers.sampler_object("euler")
     refined = {}
 
-    def plain():
-        return comfy.sample.sample(model, noise, steps, 7.5, "euler", "normal", pos, neg, latent, disable_pbar=True,
-                                   seed=0)  # fmt: skip
-
     def sigmas():
         return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
 
-    def mixofshow():
-        m, p, n, _ = mos_node.execute(model, clip, regions, GLOBAL, NEGATIVE, concepts=stack).result
-        g = comfy.samplers.CFGGuider(m)
-        g.set_conds(p, n)
-        g.set_cfg(7.5)
-        return g.sample(noise, latent, sampler, sigmas(), disable_pbar=True, seed=0)
+    def plain(mdl):
+        return lambda: comfy.sample.sample(mdl, noise, steps, 7.5, "euler", "normal", pos, neg, latent,
+                                           disable_pbar=True, seed=0)  # fmt: skip
 
-    def composer(**kw):
+    def mixofshow(mdl):
         def run():
-            guider = composer_node.execute(model, clip, regions, GLOBAL, NEGATIVE, 7.5, concepts=stack, **kw).result[0]
-            out = guider.sample(noise, latent, sampler, sigmas(), disable_pbar=True, seed=0)
-            refined[tuple(sorted(kw))] = guider.steps_refined
-            return out
+            m, p, n, _ = mos_node.execute(mdl, clip, regions, GLOBAL, NEGATIVE, concepts=stack).result
+            g = comfy.samplers.CFGGuider(m)
+            g.set_conds(p, n)
+            g.set_cfg(7.5)
+            return g.sample(noise, latent, sampler, sigmas(), disable_pbar=True, seed=0)
 
         return run
 
-    configs = {
+    def composer(**kw):
+        def make(mdl):
+            def run():
+                node_out = composer_node.execute(mdl, clip, regions, GLOBAL, NEGATIVE, 7.5, concepts=stack, **kw)
+                guider = node_out.result[0]
+                out = guider.sample(noise, latent, sampler, sigmas(), disable_pbar=True, seed=0)
+                refined[tuple(sorted(kw))] = guider.steps_refined
+                return out
+
+            return run
+
+        return make
+
+    makers = {
         "plain": plain,
         "mixofshow x2": mixofshow,
         "lora-composer x2": composer(),
         "lora-composer x2 every latent step": composer(stop_when_loss_rises=False),
         "lora-composer x2 isolation only": composer(step_size=0.0, reinitialise=False),
     }
-    if args.only:
-        keep = {k.strip() for k in args.only.split(",")}
-        unknown = keep - set(configs)
-        if unknown:
-            print(f"unknown configurations {sorted(unknown)}; choose from {sorted(configs)}")
-            return 2
-        configs = {k: v for k, v in configs.items() if k == "plain" or k in keep}
-    with torch.inference_mode():
-        plain()  # load the model once, untimed
-        times = {k: [] for k in configs}
-        growth = {k: 0.0 for k in configs}
-        for r in range(args.repeats):
-            for label, fn in configs.items():
-                with RunMemory() as mem:
-                    t0 = time.perf_counter()
-                    out = fn()
-                    times[label].append(time.perf_counter() - t0)
-                growth[label] = max(growth[label], mem.growth_mib)
-                assert torch.isfinite(out).all(), label
-                print(f"  repeat {r + 1}/{args.repeats} {label:32} {times[label][-1]:8.1f}s  +{mem.growth_mib:7.0f} MiB",
-                      flush=True)  # fmt: skip
+    # every configuration's model counts the UNet rows it runs
+    configs, counters = harness.counted_configs(makers, model, args.only, parser)
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = {k: med[k] / med["plain"] for k in med}
-    mem_ratio = {k: (model_mib + growth[k]) / (model_mib + growth["plain"]) for k in med}
+    with torch.inference_mode():
+        plain(model)()  # load the model once, untimed
+        # interleaved repeats; every configuration but plain must change plain's latent in the first concept's box
+        measured = harness.run_interleaved(configs, counters, args.repeats, steps, region=box_1)
+    times, growth, rows = measured.times, measured.memory, measured.rows
+
+    model_mib = built.model_mib
+    mem_ratio = measured.memory_ratio(model_mib)
+    med = {k: times.median(k) for k in configs}
+    ratio = {k: times.ratio(k) for k in configs}
     total = time.perf_counter() - t_start
-    print(f"\nLoRA-Composer benchmark: {width}x{height}, SD1.5 widths (random), CLIP-L (random), 2 concept LoRAs "
-          f"(rank 16), {steps} steps euler, latent steps taken: {refined.get((), '-')} of {steps} (without the stopping rule "
-          f"{refined.get(('stop_when_loss_rises',), '-')}), "
-          f"{args.repeats} repeats, {comfy.model_management.get_torch_device()}, ComfyUI {session.version}, "
-          f"torch {torch.__version__}")  # fmt: skip
-    print(f"{'':34}{'run':>9}{'vs plain':>10}{'working memory':>16}{'memory vs plain':>17}")
-    for k in configs:
-        print(f"{k:34}{med[k]:8.1f}s{ratio[k]:9.2f}x{growth[k]:13.0f} MiB{mem_ratio[k]:15.2f}x")
-    print(f"model weights {model_mib:.0f} MiB; memory ratio = (weights + run's working memory) / plain's. "
-          f"Run took {total:.0f}s.")  # fmt: skip
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(exist_ok=True)
-    name = "lora_composer_partial.json" if args.only else f"lora_composer_{width}x{height}.json"
-    (out / name).write_text(json.dumps({"setup": vars(args), "run_seconds": med, "ratio_vs_plain": ratio,
-                                        "working_memory_mib": growth, "memory_ratio": mem_ratio,
-                                        "total_seconds": total}, indent=2))  # fmt: skip
-    figures = Figures()
+    title = (f"LoRA-Composer benchmark: {width}x{height}, {built.shape}, 2 concept LoRAs (rank 16), {steps} steps "
+             f"euler, latent steps taken: {refined.get((), '-')} of {steps} (without the stopping rule "
+             f"{refined.get(('stop_when_loss_rises',), '-')}), {args.repeats} repeats, "
+             f"{harness.describe_machine(session)}")  # fmt: skip
+    harness.print_tables(title, times, {"rows/step": (rows, "10.1f"), "working memory MiB": (growth, "20.0f"),
+                                        "memory vs plain": (mem_ratio, "17.2f")})  # fmt: skip
+    print(f"model weights {model_mib:.0f} MiB; working memory: the peak during the run over its start, the largest "
+          f"of the repeats; memory vs plain = (weights + run's working memory) / plain's. Run took {total:.0f}s.")  # fmt: skip
+    report = {"setup": vars(args), "run_seconds": med, "ratio_vs_plain": ratio,
+              "ratio_spread": {k: times.ratio_spread(k) for k in configs}, "unet_rows_per_step": rows,
+              "working_memory_mib": growth, "memory_ratio": mem_ratio, "total_seconds": total}  # fmt: skip
+    harness.write_results("lora_composer_partial.json" if args.only else f"lora_composer_{width}x{height}.json", report)
+    figures = harness.Figures(args.device)
+
+    def add_ratio(metric, label, **kw):
+        figures.add(metric, ratio[label], spread=times.ratio_spread(label), **kw)
+
     if "lora-composer x2" in ratio:
-        figures.add("lora_composer_time_ratio_2_concepts", ratio["lora-composer x2"], target=2.0)
+        add_ratio("lora_composer_time_ratio_2_concepts", "lora-composer x2", target=2.0)
         figures.add("lora_composer_memory_ratio_2_concepts", mem_ratio["lora-composer x2"], target=1.5)
         figures.add("lora_composer_working_memory", growth["lora-composer x2"], unit="MiB")
     if "mixofshow x2" in ratio:
-        figures.add("lora_composer_base_mixofshow_ratio", ratio["mixofshow x2"])
+        add_ratio("lora_composer_base_mixofshow_ratio", "mixofshow x2")
     if "lora-composer x2 every latent step" in ratio:
-        figures.add("lora_composer_time_ratio_every_latent_step", ratio["lora-composer x2 every latent step"])
+        add_ratio("lora_composer_time_ratio_every_latent_step", "lora-composer x2 every latent step")
     if "lora-composer x2 isolation only" in ratio:
-        figures.add("lora_composer_isolation_only_ratio", ratio["lora-composer x2 isolation only"])
+        add_ratio("lora_composer_isolation_only_ratio", "lora-composer x2 isolation only")
     figures.add_peak_memory("lora_composer_bench_peak_rss")
-    figures.print()
+    figures.print(args.figures)
     return 0
 
 

@@ -1,73 +1,66 @@
-"""ED-LoRA training step time against ComfyUI's own TrainLoraNode, same checkpoint, rank, resolution and batch.
+"""ED-LoRA training step time against ComfyUI's own TrainLoraNode, same model, rank, resolution and batch.
 
-    python benchmarks/bench_training.py [--quick] [--size 512] [--steps 3] [--rank 4] [--batch 1]
+    python benchmarks/bench_training.py [--quick] [--size 512] [--steps 3] [--rank 4] [--batch 1] [--repeats 2]
+                                        [--device auto|cpu|cuda] [--figures FILE]
 
-Needs ComfyUI (COMFYUI_PATH or ~/comfy/ComfyUI) and the test venv. The model is an SD1.5 UNet at full widths
-(860M parameters, seeded random weights; benchmarks/bench_scoped_lora.py builds it), the text encoder a
-full-size random CLIP-L; the pictures are random. Configurations, interleaved over two repeats:
+Needs ComfyUI (COMFYUI_PATH or ~/comfy/ComfyUI) and the test venv. ComfyUI runs in this process on
+``--device`` (cuda when a GPU is present); the models are built there (benchmarks/harness.py
+``sd15_bench_models``): an SD1.5 UNet at full widths (860M parameters, seeded random weights; fp16 on CUDA,
+fp32 on the CPU), a full-size random CLIP-L; the pictures are random, encoded once by the test checkpoint's
+TAESD. Configurations, interleaved over the repeats:
 
 * ours: Train ED-LoRA's trainer (layer-wise token embeddings + text-encoder LoRA + UNet attention LoRA; every
-  step encodes each caption once per cross-attention layer, forward and backward), fp32;
+  step encodes each caption once per cross-attention layer, forward and backward), fp32 parameters;
 * core: ComfyUI's TrainLoraNode at the same rank (LoRA on every linear and conv weight of the UNet), fp32,
   with its default gradient checkpointing, and without it.
 
-Seconds per step: ours from the step timestamps (the first step excluded as warm-up); TrainLoraNode from the
-difference between a run of 1 step and one of 1 + ``--steps`` (so its set-up is excluded too). Ratios are
-ours over core's. Peak memory over the process's baseline is reported per configuration (resident set,
-sampled). ``--quick``: 256x256, 2 timed steps. The output ends with one JSON figure per line.
+Seconds per step, from runs of 1 + ``--steps`` steps: ours from the trainer's per-step report, TrainLoraNode's
+from its sampler's per-step loss callback (a clock put on it for the run; it comes after each step's backward
+pass), the mean interval between consecutive steps, so the set-up and the first step are left out; every clock
+waits for the GPU. Each figure is the median over repeats; the ratios (ours over core's) carry the spread of
+the per-repeat ratios. Checks (benchmarks/harness.py ``check_did_work``), before a run's time counts: our
+trainer's parameters changed from their start and its losses are finite; TrainLoraNode's LoRA (its zero-started
+``lora_down`` factors) is no longer zero and finite, and its losses are finite. Memory: each configuration's
+peak over its start (CUDA: allocated memory; CPU: resident memory, sampled), the largest of the repeats.
+``--quick``: 256x256, 2 timed steps. The output ends with one JSON figure per line (benchmarks/figures.py;
+``--figures FILE`` appends them there too).
 """
 
 from __future__ import annotations
 
-import argparse
+import math
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-from benchmarks.bench_scoped_lora import PeakRSS, build_unet  # noqa: E402
-from benchmarks.figures import Figures  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import harness  # noqa: E402
+from tests.support.builders.sd15 import build_tiny_sd15  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512, help="training resolution (square)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
-    parser.add_argument("--rank", type=int, default=4, help="LoRA rank of both trainers")
-    parser.add_argument("--batch", type=int, default=1, help="pictures per step")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved repetitions")
-    parser.add_argument("--quick", action="store_true", help="256x256, 2 timed steps")
-    args = parser.parse_args()
-    if args.quick:
-        args.size, args.steps = 256, 2
     t_start = time.perf_counter()
+    size, steps = (512, "training resolution (square)"), (3, "timed steps per run")
+    rank = (4, "LoRA rank of both trainers")
+    parser = harness.bench_parser(__doc__, "256x256, 2 timed steps", size=size, steps=steps, rank=rank, repeats=2)
+    parser.add_argument("--batch", type=int, default=1, help="pictures per step")
+    args = harness.parse_args(parser, quick={"size": 256, "steps": 2})
 
-    from tests.support.locate import find_comfyui
-
-    comfy_path = find_comfyui()
-    if comfy_path is None:
-        print("ComfyUI not found: set COMFYUI_PATH=/path/to/ComfyUI")
+    if (session := harness.start_comfy(args, "mc_bench_train_")) is None:
         return 2
-    from tests.support.comfy_inprocess import make_session
 
-    session = make_session(comfy_path, Path(tempfile.mkdtemp(prefix="mc_bench_train_")))
+    built = harness.sd15_bench_models(args, session)
+    model, clip = built.model, built.clip
+    trainer_mod, loop = map(session.pack_module, ("training.edlora_trainer", "training.loop"))
 
-    import torch
-    from comfy_extras.nodes_train import TrainLoraNode
+    import comfy_extras.nodes_train as nodes_train
 
     import nodes
-    from tests.support.tiny_clip import build_tiny_clip
-    from tests.support.tiny_sd15 import build_tiny_sd15
 
-    trainer_mod = session.pack_module("training.edlora_trainer")
-    loop = session.pack_module("training.loop")
-
-    model = build_unet(seed=0)
-    clip = build_tiny_clip("sd15", seed=0, layers=None, mlp=None)
     ckpt = session.models_dir / "checkpoints" / "bench_vae_source.safetensors"
     build_tiny_sd15(ckpt, seed=0)
     vae = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt.name)[2]  # TAESD: encodes the pictures once
@@ -78,53 +71,90 @@ def main() -> int:
     with torch.no_grad():  # as in a ComfyUI run: the conditioning carries no graph into the text encoder
         latents = {"samples": vae.encode(images)}
         positive = nodes.CLIPTextEncode().encode(clip, "a photo of a cat in a garden")[0]
+    clock = harness.Clock()
 
     def ours():
         settings = trainer_mod.TrainSettings(concept_words=("<bench1>", "<bench2>"), class_word="cat",
                                              steps=1 + args.steps, rank=args.rank, batch_size=args.batch,
                                              resolution=args.size, seed=0)  # fmt: skip
         trainer = trainer_mod.EDLoRATrainer(model, clip, vae, images, captions, settings)
+        before = trainer.snapshot()
         stamps = []
-        loop.train(trainer, save_states=False, report=lambda *a: stamps.append(time.perf_counter()))
+        result = loop.train(trainer, save_states=False, report=lambda *a: stamps.append(clock.now()))
+        # the check before the time counts: the run trained (every step, finite losses, parameters moved)
+        if result.status != "done" or not all(math.isfinite(v) for v in result.losses):
+            raise harness.BenchmarkError(f"ours: training stopped ({result.status}: {result.message})")
+        after = trainer.snapshot()
+        flat = [torch.cat([d[k].flatten().float().cpu() for k in sorted(before)]) for d in (before, after)]
+        harness.check_did_work("ours (trained parameters)", flat[1], flat[0])
         return statistics.mean(b - a for a, b in zip(stamps, stamps[1:], strict=False))
 
-    def core(checkpointing):
-        def run(steps):
-            t = time.perf_counter()
-            TrainLoraNode().train(model, latents, positive, args.batch, steps, 1, 1e-4, args.rank, "AdamW", "MSE", 0,
-                                  "fp32", "fp32", "LoRA", checkpointing, "[None]")  # fmt: skip
-            return time.perf_counter() - t
+    class StampedSampler(nodes_train.TrainSampler):
+        """TrainLoraNode's sampler with a clock on its per-step loss callback (after each step's backward pass)."""
 
-        return lambda: (run(1 + args.steps) - run(1)) / args.steps
+        stamps: list = []
 
-    configs = {"ours": ours, "core": core(True), "core no checkpointing": core(False)}
-    times: dict[str, list[float]] = {k: [] for k in configs}
+        def __init__(self, *a, loss_callback=None, **kw):
+            def stamped(loss):
+                StampedSampler.stamps.append(clock.now())
+                if loss_callback is not None:
+                    loss_callback(loss)
+
+            super().__init__(*a, loss_callback=stamped, **kw)
+
+    def core(checkpointing, label):
+        def run():
+            StampedSampler.stamps = []
+            original, nodes_train.TrainSampler = nodes_train.TrainSampler, StampedSampler
+            try:
+                _, lora, losses, _ = nodes_train.TrainLoraNode().train(
+                    model, latents, positive, args.batch, 1 + args.steps, 1, 1e-4, args.rank, "AdamW", "MSE", 0,
+                    "fp32", "fp32", "LoRA", checkpointing, "[None]")  # fmt: skip
+            finally:
+                nodes_train.TrainSampler = original
+            # the check before the time counts: every step ran, the zero-started lora_down factors moved, the losses
+            # are finite
+            stamps = StampedSampler.stamps
+            if len(stamps) != 1 + args.steps:
+                raise harness.BenchmarkError(
+                    f"{label}: {len(stamps)} timed steps of TrainLoraNode, not {1 + args.steps}"
+                )
+            downs = [v.detach().flatten().float().cpu() for k, v in lora.items() if k.endswith("lora_down.weight")]
+            if not downs or not all(math.isfinite(float(v)) for v in losses["loss"]):
+                raise harness.BenchmarkError(f"{label}: TrainLoraNode made no LoRA or a loss is not finite")
+            harness.check_did_work(f"{label} (trained lora_down)", torch.cat(downs))
+            return statistics.mean(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+
+        return run
+
+    configs = {"ours": ours, "core": core(True, "core"), "core no checkpointing": core(False, "core no checkpointing")}
+    times = harness.Repeats()
     memory: dict[str, float] = {}
     for rep in range(args.repeats):
         for name, fn in configs.items():
-            with PeakRSS() as peak:
-                value = fn()
-            times[name].append(value)
-            memory[name] = max(memory.get(name, 0.0), peak.peak_mib - peak.base / 2**20)
+            value, _, peak = harness.timed_run(fn, clock)
+            times.add(name, rep, value)
+            memory[name] = max(memory.get(name, 0.0), peak.growth_mib)
             print(
-                f"  repeat {rep + 1}/{args.repeats} {name:24s} {value:6.2f} s/step  (+{memory[name]:.0f} MiB)",
+                f"  repeat {rep + 1}/{args.repeats} {name:24s} {value:6.2f} s/step  (+{peak.growth_mib:.0f} MiB)",
                 flush=True,
             )
 
-    best = {k: min(v) for k, v in times.items()}
-    print(f"\n{args.size}x{args.size}, batch {args.batch}, rank {args.rank}: seconds per step (fastest repeat)")
-    for name in configs:
-        print(f"  {name:24s} {best[name]:6.2f} s   peak +{memory[name]:.0f} MiB")
-    print(f"  ours / core                {best['ours'] / best['core']:.2f}")
-    print(f"  ours / core no ckpt        {best['ours'] / best['core no checkpointing']:.2f}")
-    print(f"total {time.perf_counter() - t_start:.0f}s\n")
-    figures = Figures()
-    figures.add("training_step_ratio_vs_trainloranode", best["ours"] / best["core"], target=1.3)
-    figures.add("training_step_ratio_vs_trainloranode_no_checkpointing", best["ours"] / best["core no checkpointing"])
-    figures.add("training_step_seconds", best["ours"], unit="s")
+    title = (f"Training benchmark: {args.size}x{args.size}, batch {args.batch}, rank {args.rank}, {built.shape}, "
+             f"{harness.describe_machine(session)}: seconds per step")  # fmt: skip
+    harness.print_tables(title, times, {"peak MiB": (memory, "10.0f")}, base="core", what="seconds per step")
+    lo, hi = times.ratio_spread("ours", "core no checkpointing")
+    print(f"ours / core no checkpointing: {times.ratio('ours', 'core no checkpointing'):.2f}x ({lo:.2f}-{hi:.2f}x). "
+          f"peak: the largest of the repeats' peak over the run's start. total {time.perf_counter() - t_start:.0f}s\n")  # fmt: skip
+    figures = harness.Figures(args.device)
+    figures.add("training_step_ratio_vs_trainloranode", times.ratio("ours", "core"), target=1.3,
+                spread=times.ratio_spread("ours", "core"))  # fmt: skip
+    figures.add("training_step_ratio_vs_trainloranode_no_checkpointing", times.ratio("ours", "core no checkpointing"),
+                spread=(lo, hi))  # fmt: skip
+    figures.add("training_step_seconds", times.median("ours"), unit="s", spread=times.spread("ours"))
     for name in configs:
         figures.add(f"training_peak_memory_{name.replace(' ', '_')}", memory[name], unit="MiB")
-    figures.print()
+    figures.print(args.figures)
     return 0
 
 

@@ -2,9 +2,12 @@
 prompt, time against plain sampling and locality, in Markdown and CSV.
 
     python benchmarks/compare_methods.py --suite DIR [--out DIR] [--repeats 1] [--methods a,b] [--quick]
+                                         [--device auto|cpu|cuda] [--figures FILE]
     python benchmarks/compare_methods.py [--demo] [--quick]
 
-Needs ComfyUI (COMFYUI_PATH or ~/comfy/ComfyUI) and the test venv; runs ComfyUI in this process (no server).
+Needs ComfyUI (COMFYUI_PATH or ~/comfy/ComfyUI) and the test venv; runs ComfyUI in this process (no server), on
+``--device`` (cuda when a GPU is present; where ComfyUI already runs in this process, e.g. under a test, its
+device unless another is named, which is refused).
 Nothing is downloaded: ``--suite`` reads the user's own weights from ComfyUI's models folders (and the
 folders of its extra_model_paths.yaml, as ComfyUI does), the demo builds random ones.
 
@@ -40,8 +43,11 @@ prompt (class words, no concept words). Each averaged over the seeds. Then the a
   preview) over plain's run at the same prompt and seed; the median over prompts, seeds and ``--repeats``.
   The models are loaded: each method first runs once untimed (ComfyUI patches merged weights into the model
   then; ``--quick``: one plain step with the method's MODEL and CLIP, which is what loading needs); plain runs
-  before and after all methods (``--quick``: before) and its median is the reference. Response-Weighted Mix
-  makes a new merged MODEL for every prompt, so its runs include patching the weights: that is what it costs.
+  before and after all methods (``--quick``: before) and its median is the reference; the clock waits for the
+  GPU. Response-Weighted Mix makes a new merged MODEL for every prompt, so its runs include patching the weights:
+  that is what it costs. Before a run's time counts, its image must be finite and not flat, and a method's must
+  differ from plain's at the same prompt and seed (benchmarks/harness.py ``check_did_work``); a method that
+  fails the check gets no row values (its error is in the notes) and the exit status is 1.
 * **locality** (DESIGN.md §6, ``samplers/scoped_lora/locality.py``): each prompt's first concept (in suite
   order) is switched off (both strengths 0, everything else the same: its words, box, prompts; Fuse Concepts
   refuses a concept with both strengths 0, so the fusion is redone with 1e-6 instead) and the final images at
@@ -80,8 +86,8 @@ a <class word>``. Strengths default to 0.7 (ED-LoRA) and 1.0 (LoRA); ``kind`` to
 file stops the run before anything is sampled, naming the file and the folder it belongs in.
 
 ``--demo`` (the default without ``--suite``): the random tiny SD1.5-shaped test checkpoint
-(tests/support/tiny_sd15.py), two random ED-LoRAs (tests/support/edlora_factory.py), random reference images and
-a random tiny open_clip (tests/support/tiny_open_clip.py), written into a temporary suite that then runs like any
+(tests/support/builders/sd15.py), two random ED-LoRAs (tests/support/builders/edlora.py), random reference images and
+a random tiny open_clip (tests/support/builders/open_clip.py), written into a temporary suite that then runs like any
 other. The numbers then mean nothing (the table says so): the run checks that every method runs and the table
 is filled. ``--quick``: one prompt, one seed, one repeat; the demo at 128x64 and 2 steps with two full-height
 boxes (the smallest LoRA-Composer's attention losses accept), a suite at a shorter side of 128 px and 3 steps;
@@ -91,8 +97,9 @@ every prompt naming an ED-LoRA is encoded once per cross-attention layer (16 row
 
 Output: ``<out>/comparison.md`` and ``<out>/comparison.csv`` (``--out``, default benchmarks/results/), every
 scored image in ``<out>/comparison_images/`` (``<method>_p<prompt>_seed<seed>.png``), the Markdown printed
-too, and at the end one JSON figure per line (benchmarks/figures.py): each method's time ratio, locality,
-CLIP-I and CLIP-T (named ``compare_demo_*`` in the demo). The exit status is 1 when a method failed (its row
+too, and at the end one JSON figure per line (benchmarks/figures.py; ``--figures FILE`` appends them there too):
+each method's time ratio (with the spread of its per-run ratios), locality, CLIP-I and CLIP-T (named
+``compare_demo_*`` in the demo). The exit status is 1 when a method failed (its row
 says so and the notes give the error), 2 when the suite or its weights are wrong.
 """
 
@@ -117,6 +124,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.figures import Figures  # noqa: E402
+from benchmarks.harness import BenchmarkError, Clock, add_common_arguments, check_did_work, resolve_device  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -430,9 +438,9 @@ def write_demo_suite(folder: Path, models_dir: Path, quick: bool) -> Path:
     import torch
     from PIL import Image
 
-    from tests.support.edlora_factory import official_edlora
-    from tests.support.tiny_open_clip import save_tiny_open_clip
-    from tests.support.tiny_sd15 import build_tiny_sd15
+    from tests.support.builders.edlora import official_edlora
+    from tests.support.builders.open_clip import save_tiny_open_clip
+    from tests.support.builders.sd15 import build_tiny_sd15
 
     ckpt = "mc_tiny_sd15.safetensors"  # the test suite's name: a session's build is reused when it is current
     build_tiny_sd15(models_dir / "checkpoints" / ckpt, seed=0)
@@ -592,13 +600,11 @@ class Runner:
     """Builds each method's graph from the pack's nodes (called as ComfyUI's executor calls them) and samples."""
 
     def __init__(self, session, suite: Suite, quick: bool = False):
-        import comfy.model_management
-
         import nodes
 
         self.session, self.suite, self.quick = session, suite, quick
         self.nodes = nodes
-        self.cuda = comfy.model_management.get_torch_device().type == "cuda"
+        self.clock = Clock()
         self.model, self.clip, self.vae = nodes.CheckpointLoaderSimple().load_checkpoint(suite.checkpoint)[:3]
         self.latent = nodes.EmptyLatentImage().generate(suite.width, suite.height, 1)[0]
         self.regions = [self.node("MultiConceptRegions", suite.width, suite.height, self._regions_json(p))[0]
@@ -616,11 +622,7 @@ class Runner:
         return tuple(self.session.node_class(node_id).execute(*args, **kwargs).result)
 
     def now(self) -> float:
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-        return time.perf_counter()
+        return self.clock.now()
 
     def _regions_json(self, p: SuitePrompt) -> str:
         by_label = {c.label: c for c in self.suite.concepts}
@@ -904,7 +906,7 @@ def parse_args(argv=None):
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--suite", type=Path, help="a folder with suite.json (or the JSON file): the user's weights")
     mode.add_argument("--demo", action="store_true", help="random test weights (the default without --suite)")
-    parser.add_argument("--quick", action="store_true", help="one prompt, one seed, 128 px, 3 steps")
+    add_common_arguments(parser, "one prompt, one seed, 128 px, 3 steps")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where comparison.md and .csv go")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and seed (median)")
     parser.add_argument("--methods", default="", help=f"comma-separated subset of: {', '.join(METHOD_KEYS)}")
@@ -939,8 +941,19 @@ def main(argv=None) -> int:
         print("ComfyUI not found: set COMFYUI_PATH=/path/to/ComfyUI")
         return 2
     owned = comfy_inprocess._SESSION is None  # a test may have started ComfyUI in this process already
+    try:
+        if owned:
+            args.device = resolve_device(args.device)
+        elif args.device == "auto":
+            args.device = comfy_inprocess._SESSION.device
+        elif args.device != comfy_inprocess._SESSION.device:
+            raise BenchmarkError(f"--device {args.device}: ComfyUI already runs on {comfy_inprocess._SESSION.device} "
+                                 "in this process")  # fmt: skip
+    except BenchmarkError as e:
+        print(f"compare_methods: {e}")
+        return 2
     base = Path(tempfile.mkdtemp(prefix="mc_compare_")) if owned else None
-    session = comfy_inprocess.make_session(comfy_path, base or Path(tempfile.gettempdir()))
+    session = comfy_inprocess.make_session(comfy_path, base or Path(tempfile.gettempdir()), device=args.device)
     demo_dir = None
     try:
         if args.suite is None:
@@ -980,7 +993,7 @@ def _compare(
     import torch
 
     evaluation = session.pack_module("evaluation.scores")
-    clip_files = session.pack_module("evaluation.open_clip_files")
+    clip_files = session.pack_module("evaluation.open_clip_model")
     try:
         eval_clip = clip_files.load_open_clip(weights["clip"], suite.clip_architecture)
     except clip_files.OpenClipFileError as e:
@@ -1014,6 +1027,9 @@ def _compare(
                     for pi, seed in runs:
                         for _ in range(args.repeats):
                             image, seconds = runner.timed(method.key, pi, seed)
+                            # before the time counts: a picture, and a method's differs from plain's
+                            plain_image = None if method.key == "plain" else images.get(("plain", pi, seed))
+                            check_did_work(f"{method.title}, P{pi + 1} seed {seed}", image, plain_image)
                             row.seconds.append(seconds)
                             if method.key == "plain":
                                 plain_times.setdefault((pi, seed), []).append(seconds)
@@ -1091,21 +1107,22 @@ def _compare(
     print(f"written to {args.out / 'comparison.md'} and {args.out / 'comparison.csv'}; the images in "
           f"{args.out / 'comparison_images'}")  # fmt: skip
 
-    figures = Figures()
+    figures = Figures(args.device)
     prefix = "compare_demo" if suite.demo else "compare"
     for row in rows:
         if row.error:
             continue
         k = row.method.key
         if k != "plain":
-            figures.add(f"{prefix}_{k}_time_ratio", row.ratio)
+            spread = (min(row.ratios), max(row.ratios)) if row.ratios else None
+            figures.add(f"{prefix}_{k}_time_ratio", row.ratio, spread=spread)
             if math.isfinite(row.locality):
                 figures.add(f"{prefix}_{k}_locality", row.locality)
         for name, value in (("clip_i", row.mean_score(0)), ("clip_t", row.mean_score(1))):
             if math.isfinite(value):
                 figures.add(f"{prefix}_{k}_{name}", value, better="higher")
     figures.add_peak_memory(f"{prefix}_peak_rss")
-    figures.print()
+    figures.print(args.figures)
     return 1 if any(r.error for r in rows) else 0
 
 
