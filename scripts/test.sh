@@ -15,7 +15,10 @@
 #    pin or requirements-test.txt recreates the venv; a different ComfyUI requirements.txt is installed on top.
 #  * Lint: `ruff check` and `ruff format --check` (ruff pinned in requirements-test.txt); a lint failure
 #    fails the run after the tests ran. MULTICONCEPT_LINT=0 skips it.
-#  * Then `python -m pytest tests "$@"` from the repo root. Exit code 5 (nothing collected) counts as success.
+#  * Then `python -m pytest tests "$@"` from the repo root in two worker processes (pytest-xdist: the e2e tests
+#    share one worker and its ComfyUI server, other tests go a module at a time; MULTICONCEPT_WORKERS=1 or
+#    `-p no:xdist` for one process), ending with the table of the 30 slowest tests (`--durations=30`, unless
+#    "$@" names its own). Exit code 5 (nothing collected) counts as success.
 set -euo pipefail
 
 PACK_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -185,8 +188,31 @@ for arg in "$@"; do
   esac
 done
 
+# The duration table at the end (the slowest tests), unless the caller chose their own.
+extra=(--durations=30 --durations-min=1)
+for arg in "$@"; do
+  case "$arg" in --durations*) extra=() ;; esac
+done
+
+# Two workers (pytest-xdist; every e2e test on one, other tests a module at a time), unless the caller chose:
+# MULTICONCEPT_WORKERS=N (0 or 1: one process), or -n / -p no:xdist among the arguments.
+workers="${MULTICONCEPT_WORKERS:-2}"
+for arg in "$@"; do
+  case "$arg" in -n | -n[0-9]* | --numprocesses* | --dist* | no:xdist) workers=1 ;; esac
+done
+if [ "$workers" -gt 1 ]; then
+  extra+=(-n "$workers")
+  # The cores shared out among the workers (and the e2e server and processes they start): with torch's
+  # default of a thread per core in every process, a first two-worker run on two cores had done a quarter of
+  # the suite after 17 minutes.
+  cores="$(nproc 2>/dev/null || echo 2)"
+  threads=$((cores / workers))
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((threads > 0 ? threads : 1))}"
+  say "pytest with $workers workers, OMP_NUM_THREADS=$OMP_NUM_THREADS (MULTICONCEPT_WORKERS=1 for one process)"
+fi
+
 set +e
-"$VENV/bin/python" -m pytest "${targets[@]}" -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest "${targets[@]}" -p no:cacheprovider "${extra[@]}" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -96,6 +96,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def worker_scope(nodeid: str) -> str:
+    """Which tests share a worker under ``pytest -n N`` (scripts/test.sh runs two workers): every e2e test
+    on one, so one ComfyUI server serves them all; the other tests a module at a time, so a module's
+    expensive fixtures (a demo run, a trained concept) are built once."""
+    path = nodeid.split("::", 1)[0]
+    return "tests/e2e" if path.startswith("tests/e2e/") else path
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown (and unused) without it
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ScopeScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_scope(nodeid)
+
+    return ScopeScheduling(config, log)
+
+
 def pytest_report_header(config):
     if COMFY_PATH is None:
         return [SKIP_REASON]
@@ -180,7 +199,7 @@ def comfy(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint_path(comfy) -> Path:
     """The tiny SD1.5 checkpoint, built once per session into the in-process models/checkpoints."""
-    from tests.support.tiny_sd15 import build_tiny_sd15
+    from tests.support.builders.sd15 import build_tiny_sd15
 
     path = comfy.models_dir / "checkpoints" / TINY_CKPT
     start = time.perf_counter()
@@ -193,6 +212,17 @@ def tiny_checkpoint_path(comfy) -> Path:
 def tiny_checkpoint(tiny_checkpoint_path) -> str:
     """The checkpoint's file name, as CheckpointLoaderSimple's ckpt_name wants it."""
     return tiny_checkpoint_path.name
+
+
+@pytest.fixture(scope="module")
+def tiny_models(comfy, tiny_checkpoint):
+    """(MODEL, CLIP, VAE) of the tiny checkpoint, loaded once per module (a load takes a fraction of a second)
+    and shared by its tests, as a running ComfyUI shares a loaded checkpoint between prompts: tests clone,
+    never change them. Not once per session: a module that leaves ComfyUI's weight patching of its clones in
+    some state must not decide the numbers of the next module (see the note on issue 25)."""
+    import nodes
+
+    return tuple(nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[:3])
 
 
 @pytest.fixture(scope="session")

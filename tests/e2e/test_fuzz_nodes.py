@@ -10,6 +10,14 @@ path tricks — one prompt each. Whatever happens, it must be one of:
 * it runs and fails in our node with a ``NodeError`` whose message starts with the node's name;
 * it runs successfully (the value was acceptable, e.g. an empty optional text).
 
+Nodes that sample or train (seconds per run) are fuzzed in two passes: each value first in a validation-only
+request (the checkpoint loader upstream names a missing file, so ComfyUI validates the whole graph, reports
+the fuzzed node's errors beside the loader's, and runs nothing); then each value that validation let through
+is run once for every widget that took it, all in one prompt; when that combined run fails (quickly, at the
+node's own checks), the widget its message names is tried alone and the others together again. A value
+ComfyUI converts into one already run ("yes" and 2 both reach the node as True) is not run again. So a value
+ComfyUI refuses never runs, and a value the node accepts samples once, not once per widget.
+
 After each prompt the server must still answer, and at the end a plain txt2img prompt must give exactly
 the image it gave before the fuzzing started. A node with a socket type that has no provider below fails
 the test: add one when adding a node.
@@ -19,13 +27,14 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.support.edlora_factory import official_edlora
+from tests.support.builders.edlora import official_edlora
 from tests.support.graphs import plain_txt2img
 from tests.support.server import PromptRejected
 
@@ -70,14 +79,17 @@ SAMPLING_NODES = {"MultiConceptMixOfShowRegional", "MultiConceptOMG", "MultiConc
                   "MultiConceptConceptConductor",
                   # not sampling, but every accepted text is encoded for every branch/box, in all 16 ED-LoRA layer variants
                   "MultiConceptConceptConductorGuider", "MultiConceptLoRAComposer"}  # fmt: skip
-BAD_TEXT_SAMPLING = ["", " ", "x" * 200_001, "nul\x00char", "(((((((((((((", 12345, ["a", "b", "c"], "<cat1> " * 2000]
+# (not-a-string only as a list: ComfyUI turns 12345 into the text "12345" before the node sees it, which the
+# other nodes cover and which here would cost one more sampling run)
+BAD_TEXT_SAMPLING = ["", " ", "x" * 200_001, "nul\x00char", "(((((((((((((", ["a", "b", "c"], "<cat1> " * 2000]
 # ...and the long ones (an overlong text, a token flood: each an encode of thousands of tokens and a sampling run
 # when accepted) on the node's first text widget only: its other text widgets go through the same encoder.
 LONG_TEXT = {"x" * 200_001, "<cat1> " * 2000}
 # Nodes that encode a concept-word flood twice in all 17 layer variants (minutes on the full-size test CLIP):
 # a smaller flood (still several 77-token sections) proves the same.
 SHORT_FLOOD_NODES = {"MultiConceptResponseWeightedMix", "MultiConceptConceptConductor",
-                     "MultiConceptConceptConductorGuider", "MultiConceptLoRAComposer", "MultiConceptOMGGuider"}  # fmt: skip
+                     "MultiConceptConceptConductorGuider", "MultiConceptLoRAComposer", "MultiConceptOMGGuider",
+                     "MultiConceptOMG", "MultiConceptOMGStage1"}  # fmt: skip
 # ...and whole numbers without the values ComfyUI coerces and accepts (3.5 -> 3, True -> 1): those are
 # covered by every other node, and here each accepted value costs a sampling or training run.
 BAD_INT_SAMPLING = ["abc", None, [1], 2**70, -(2**70), math.nan, "1e400"]
@@ -373,8 +385,8 @@ def _plain_pixels(server, ckpt: str, prefix: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def fuzz_files(comfy_server):
-    from tests.support.tiny_open_clip import save_tiny_open_clip
-    from tests.support.tiny_sam import save_tiny_sam
+    from tests.support.builders.open_clip import save_tiny_open_clip
+    from tests.support.builders.sam import save_tiny_sam
 
     models = comfy_server.base_dir / "models"
     torch.save(official_edlora(seed=77), models / "loras" / EDLORA)
@@ -393,7 +405,7 @@ def fuzz_files(comfy_server):
 
 def _save_fused_file(path):
     """A fused-concepts file with one concept's words and no weight differences (loads on any SD1.5 model)."""
-    from multiconcept.samplers.fusion.fused_file import FusedConceptInfo, FusedConcepts, write_fused
+    from multiconcept.formats.fused import FusedConceptInfo, FusedConcepts, write_fused
 
     raw = official_edlora(words=("<fz1>", "<fz2>"), seed=79)["params"]["new_concept_embedding"]
     info = FusedConceptInfo("edlora", "fz.pth", ("<fz1>", "<fz2>"), "cat", "cat",
@@ -401,27 +413,36 @@ def _save_fused_file(path):
     write_fused(FusedConcepts("fz", "sd15", {}, {}, (info,)), path)
 
 
-def _check_outcome(server, node_id: str, display: str, prompt: dict, what: str) -> str:
-    """Post one fuzzed prompt; assert the outcome is clean; return "refused", "failed" or "ran"."""
+def _check_refusal(rejected: PromptRejected, node_id: str, display: str, what: str) -> dict:
+    """A refused prompt blames the fuzzed node, without a validation crash, in its own words; returns the
+    node errors."""
+    body = rejected.body
+    assert rejected.status == 400 and isinstance(body, dict), (what, rejected)
+    errors = body.get("node_errors") or {}
+    ours = errors.get("n")
+    assert ours and ours["class_type"] == node_id, (what, body)  # blame lands on the fuzzed node
+    for err in ours["errors"]:
+        assert not err["type"].startswith("exception_during"), (what, err)
+        details = err.get("details", "")
+        if err["type"] == "custom_validation_failed":
+            text = details.split(" - ", 1)[-1]
+            assert display.startswith(text.split(": ", 1)[0]), (what, details)
+    return errors
+
+
+def _check_outcome(server, node_id: str, display: str, prompt: dict, what: str) -> tuple[str, str]:
+    """Post one fuzzed prompt; assert the outcome is clean; return "refused", "failed" or "ran", and what the
+    node said (the inputs ComfyUI refused, or the error message)."""
     try:
         prompt_id = server.post_prompt(prompt)
     except PromptRejected as rejected:
-        body = rejected.body
-        assert rejected.status == 400 and isinstance(body, dict), (what, rejected)
-        errors = body.get("node_errors") or {}
-        ours = errors.get("n")
-        assert ours and ours["class_type"] == node_id, (what, body)  # blame lands on the fuzzed node
-        for err in ours["errors"]:
-            assert not err["type"].startswith("exception_during"), (what, err)
-            details = err.get("details", "")
-            if err["type"] == "custom_validation_failed":
-                text = details.split(" - ", 1)[-1]
-                assert display.startswith(text.split(": ", 1)[0]), (what, details)
-        return "refused"
+        errors = _check_refusal(rejected, node_id, display, what)
+        refused = [e.get("extra_info", {}).get("input_name", "") for e in errors["n"]["errors"]]
+        return "refused", " ".join(refused)
     entry = server.wait(prompt_id, timeout=300)
     status = entry["status"]
     if status["status_str"] == "success":
-        return "ran"
+        return "ran", ""
     failures = [data for event, data in status["messages"] if event == "execution_error"]
     assert len(failures) == 1, (what, status)
     failure = failures[0]
@@ -431,7 +452,49 @@ def _check_outcome(server, node_id: str, display: str, prompt: dict, what: str) 
     assert display.startswith(prefix) and len(prefix) >= 3, (what, message)
     assert failure["exception_type"].endswith("NodeError"), (what, failure["exception_type"], message)
     assert not what.endswith("baseline"), f"{what} must run, but failed: {message}"
-    return "failed"
+    return "failed", message
+
+
+# The checkpoint a validation-only request names instead of the real one: ComfyUI refuses the loader, still
+# validates every input of the fuzzed node below it (its own errors are reported beside the loader's), and
+# runs nothing. Sampling nodes all have the checkpoint loader upstream.
+MISSING_CKPT = "fz_missing_so_nothing_runs.safetensors"
+
+
+def _validate_only(server, node_id: str, display: str, base: dict, changes: dict, what: str) -> str:
+    """Whether ComfyUI's validation refuses ``changes`` on the fuzzed node: "refused" (the refusal checked as in
+    :func:`_check_outcome`) or "valid" (only the decoy loader is refused). Nothing runs either way."""
+    prompt = copy.deepcopy(base)
+    prompt["n"]["inputs"].update(changes)
+    loaders = [k for k, node in prompt.items() if node["class_type"] == "CheckpointLoaderSimple"]
+    assert loaders, f"{node_id}: a validation-only request needs the checkpoint loader upstream"
+    for k in loaders:
+        prompt[k]["inputs"]["ckpt_name"] = MISSING_CKPT
+    with pytest.raises(PromptRejected) as refused:
+        server.post_prompt(prompt)
+    errors = refused.value.body.get("node_errors") if isinstance(refused.value.body, dict) else None
+    assert errors and set(loaders) <= set(errors), (what, "the decoy loader was not refused", refused.value)
+    if "n" not in errors:
+        return "valid"
+    _check_refusal(refused.value, node_id, display, what)
+    return "refused"
+
+
+def _as_comfyui_passes_it(kind: str, value):
+    """The value a node receives for a widget input that passed validation: ComfyUI 0.3.64 unwraps
+    ``{"__value__": v}`` and converts with int/float/str/bool (execution.validate_inputs)."""
+    if isinstance(value, dict) and "__value__" in value:
+        value = value["__value__"]
+    convert = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}.get(kind)
+    try:
+        return convert(value) if convert else value
+    except (TypeError, ValueError, OverflowError):
+        return value
+
+
+def _names(message: str, widget: str) -> bool:
+    """Whether a node's error message names ``widget`` ("class_word", or in words: "class word")."""
+    return any(re.search(rf"(?<!\w){re.escape(w)}(?!\w)", message) for w in {widget, widget.replace("_", " ")})
 
 
 # Every node of the pack, one test each (so a failure and the durations table name the node). The first test
@@ -466,9 +529,10 @@ def test_node_survives_bad_values(comfy_server, tiny_checkpoint, fuzz_files, pla
     display = info[node_id]["display_name"]
     base, widgets = _base_graph(node_id, info[node_id], tiny_checkpoint)
     # the untouched graph must run: otherwise every "clean failure" below would prove nothing
-    assert _check_outcome(comfy_server, node_id, display, base, f"{node_id} baseline") == "ran"
+    assert _check_outcome(comfy_server, node_id, display, base, f"{node_id} baseline")[0] == "ran"
     counts = {"refused": 0, "failed": 0, "ran": 0}
     first_text = next((name for name, kind in widgets if kind == "STRING"), None)
+    cases = []  # (widget, kind, value)
     for name, kind in widgets:
         values = BAD[kind]
         if node_id in SAMPLING_NODES:
@@ -477,12 +541,58 @@ def test_node_survives_bad_values(comfy_server, tiny_checkpoint, fuzz_files, pla
                 values = [v for v in values if not (isinstance(v, str) and v in LONG_TEXT)]
         if node_id in SHORT_FLOOD_NODES:
             values = ["<cat1> " * 200 if v == "<cat1> " * 2000 else v for v in values]
-        for value in values:
-            prompt = copy.deepcopy(base)
-            prompt["n"]["inputs"][name] = value
+        cases += [(name, kind, value) for value in values]
+
+    def post(changes: dict, what: str) -> tuple[str, str]:
+        prompt = copy.deepcopy(base)
+        prompt["n"]["inputs"].update(changes)
+        result = _check_outcome(comfy_server, node_id, display, prompt, what)
+        assert comfy_server.get("/system_stats").status_code == 200, what
+        return result
+
+    def post_one(name: str, value) -> str:
+        outcome = post({name: value}, f"{node_id}.{name} = {value!r:.60}")[0]
+        counts[outcome] += 1
+        return outcome
+
+    if node_id not in SAMPLING_NODES:  # one prompt per value: each costs milliseconds
+        for name, _kind, value in cases:
+            post_one(name, value)
+    else:
+        # A value ComfyUI refuses is found by a validation-only request. The others go a value at a time into
+        # one prompt for every widget that took it; when that fails (quickly, at the node's checks), the widget
+        # the message names is tried alone and the rest again, so an accepted value samples once, not per widget.
+        rounds: dict[tuple, dict] = {}  # (kind, the value the node gets) -> {widget: value as posted}
+        covered: list[tuple] = []  # (widget, round key): the node gets what a run below or the baseline gives it
+        for name, kind, value in cases:
             what = f"{node_id}.{name} = {value!r:.60}"
-            counts[_check_outcome(comfy_server, node_id, display, prompt, what)] += 1
-            assert comfy_server.get("/system_stats").status_code == 200, what
+            if _validate_only(comfy_server, node_id, display, base, {name: value}, what) == "refused":
+                counts["refused"] += 1
+                continue
+            key = (kind, repr(_as_comfyui_passes_it(kind, value)))
+            given = base["n"]["inputs"]  # (an optional input left out is not the same as one given as None)
+            if name in given and key == (kind, repr(_as_comfyui_passes_it(kind, given[name]))):
+                counts["ran"] += 1  # ComfyUI turns it into the baseline's own value ("yes" -> True): ran above
+            elif name in rounds.get(key, {}):
+                covered.append((name, key))  # e.g. 2 after "yes": both reach the node as True
+            else:
+                rounds.setdefault(key, {})[name] = value
+        outcomes: dict[tuple, str] = {}
+        for key, pending in rounds.items():
+            while len(pending) > 1:
+                outcome, said = post(pending, f"{node_id}.{{{', '.join(pending)}}} = {key[1]:.60}")
+                if outcome == "ran":
+                    outcomes.update({(name, key): "ran" for name in pending})
+                    counts["ran"] += len(pending)
+                    pending = {}
+                    break
+                named = [n for n in pending if _names(said, n)]
+                for name in named or list(pending):  # nothing named: each alone
+                    outcomes[name, key] = post_one(name, pending.pop(name))
+            for name, value in pending.items():
+                outcomes[name, key] = post_one(name, value)
+        for name_key in covered:
+            counts[outcomes[name_key]] += 1
     assert not widgets or counts["refused"] + counts["failed"] > 0, (node_id, counts)
     print(f"fuzz outcomes of {node_id}:", counts)
 

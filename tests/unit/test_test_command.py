@@ -84,8 +84,10 @@ def sandbox(tmp_path):
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("COMFYUI_PATH", "MULTICONCEPT_COMFYUI_VERSION", "MULTICONCEPT_COMFYUI_REPO", "PYTEST_ADDOPTS")
-    }
+        if k not in ("COMFYUI_PATH", "MULTICONCEPT_COMFYUI_VERSION", "MULTICONCEPT_COMFYUI_REPO", "PYTEST_ADDOPTS",
+                     "MULTICONCEPT_WORKERS")
+        and not k.startswith("PYTEST_XDIST_")  # this run's own worker identity
+    }  # fmt: skip
     env.update(
         HOME=str(home),
         PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -157,11 +159,13 @@ def test_a_set_comfyui_path_is_used_and_nothing_is_fetched(sandbox):
     (fake / "comfy" / "model_patcher.py").write_text("")
     (fake / "nodes.py").write_text("")
     shutil.copy(sandbox.tmp / "requirements.txt", fake / "requirements.txt")
-    rc, out = sandbox.run(INNER_TESTS, "-q", COMFYUI_PATH=str(fake))
+    # lint on whatever the caller's environment says (MULTICONCEPT_LINT=0 while iterating must not fail this)
+    rc, out = sandbox.run(INNER_TESTS, "-q", COMFYUI_PATH=str(fake), MULTICONCEPT_LINT="1")
     assert rc == 0, out
     assert sandbox.git_calls() == [], "nothing may be fetched when COMFYUI_PATH is set"
     assert f"[test.sh] ComfyUI: {fake}" in out
     assert "[test.sh] lint: ruff" in out  # lint is part of the command
+    assert "[test.sh] pytest with 2 workers" in out and " passed" in out  # the default: two pytest-xdist workers
 
 
 def test_a_wrong_comfyui_path_is_an_error_not_a_skip(sandbox):
