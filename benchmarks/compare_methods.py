@@ -92,8 +92,8 @@ other. The numbers then mean nothing (the table says so): the run checks that ev
 is filled. ``--quick``: one prompt, one seed, one repeat; the demo at 128x64 and 2 steps with two full-height
 boxes (the smallest LoRA-Composer's attention losses accept), a suite at a shorter side of 128 px and 3 steps;
 Fuse Concepts records 1 step at 64 px from one prompt template instead of its 20 steps at the suite's size
-from two. Even so the quick demo takes minutes on a CPU: ComfyUI runs the text encoder in fp16 there, and
-every prompt naming an ED-LoRA is encoded once per cross-attention layer (16 rows of the full CLIP-L).
+from two. The demo's text encoder keeps 3 of the random CLIP-L's 12 layers: every prompt naming an ED-LoRA is
+encoded once per cross-attention layer (16 rows), which at full depth was two thirds of the demo's time.
 
 Output: ``<out>/comparison.md`` and ``<out>/comparison.csv`` (``--out``, default benchmarks/results/), every
 scored image in ``<out>/comparison_images/`` (``<method>_p<prompt>_seed<seed>.png``), the Markdown printed
@@ -131,6 +131,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 KINDS = ("edlora", "lora")
 DEFAULT_STRENGTH = {"edlora": 0.7, "lora": 1.0}
 QUICK_SIDE, QUICK_STEPS = 128, 3  # --quick on a suite: shorter side 128 px, 3 steps
+DEMO_TEXT_LAYERS = 3  # the demo's CLIP-L depth (load_demo_checkpoint)
 QUICK_DEMO_SIZE, QUICK_DEMO_STEPS = (128, 64), 2  # --quick demo: the smallest LoRA-Composer accepts two boxes in
 OFF_FUSION_STRENGTH = 1e-6  # Fuse Concepts refuses a concept with both strengths 0: this stands for 0
 DEMO_NOTE = (
@@ -438,7 +439,7 @@ def write_demo_suite(folder: Path, models_dir: Path, quick: bool) -> Path:
     import torch
     from PIL import Image
 
-    from tests.support.builders.edlora import official_edlora
+    from tests.support.builders.edlora import clip_te_modules, official_edlora
     from tests.support.builders.open_clip import save_tiny_open_clip
     from tests.support.builders.sd15 import build_tiny_sd15
 
@@ -452,7 +453,8 @@ def write_demo_suite(folder: Path, models_dir: Path, quick: bool) -> Path:
     for i, (label, class_word, words, seed) in enumerate((("man", "man", ("<man1>", "<man2>"), 85),
                                                            ("dog", "dog", ("<dog1>", "<dog2>"), 185))):  # fmt: skip
         name = f"compare_demo_{label}.pth"
-        torch.save(official_edlora(words=words, seed=seed, lora_scale=0.2), models_dir / "loras" / name)
+        torch.save(official_edlora(words=words, seed=seed, lora_scale=0.2, te_modules=clip_te_modules(DEMO_TEXT_LAYERS, 768)),
+                   models_dir / "loras" / name)  # fmt: skip
         refs = folder / "refs" / label
         refs.mkdir(parents=True, exist_ok=True)
         gen = torch.Generator().manual_seed(90 + i)
@@ -493,6 +495,21 @@ def write_demo_suite(folder: Path, models_dir: Path, quick: bool) -> Path:
     }  # fmt: skip
     (folder / "suite.json").write_text(json.dumps(suite, indent=2))
     return folder
+
+
+def load_demo_checkpoint(name: str) -> tuple:
+    """(MODEL, CLIP, VAE) of the demo's random checkpoint with the first ``DEMO_TEXT_LAYERS`` of its 12 CLIP-L
+    layers: the text encoder is most of the demo's time (each prompt naming an ED-LoRA is encoded 16 times),
+    and on random weights a deeper one only costs more. SD1.5 reads the last layer, so any depth works; the
+    depth goes in through ComfyUI's own text-model options, and the layers beyond are not read."""
+    import folder_paths
+    from comfy.sd import load_checkpoint_guess_config
+
+    path = folder_paths.get_full_path_or_raise("checkpoints", name)
+    options = {"clip_l_model_config": {"num_hidden_layers": DEMO_TEXT_LAYERS}}
+    loaded = load_checkpoint_guess_config(path, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                                          te_model_options=options)  # fmt: skip
+    return tuple(loaded[:3])
 
 
 # --------------------------------------------------------------------------------------- weights
@@ -605,7 +622,10 @@ class Runner:
         self.session, self.suite, self.quick = session, suite, quick
         self.nodes = nodes
         self.clock = Clock()
-        self.model, self.clip, self.vae = nodes.CheckpointLoaderSimple().load_checkpoint(suite.checkpoint)[:3]
+        if suite.demo:
+            self.model, self.clip, self.vae = load_demo_checkpoint(suite.checkpoint)
+        else:
+            self.model, self.clip, self.vae = nodes.CheckpointLoaderSimple().load_checkpoint(suite.checkpoint)[:3]
         self.latent = nodes.EmptyLatentImage().generate(suite.width, suite.height, 1)[0]
         self.regions = [self.node("MultiConceptRegions", suite.width, suite.height, self._regions_json(p))[0]
                         for p in suite.prompts]  # fmt: skip

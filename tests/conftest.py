@@ -86,6 +86,24 @@ def pytest_configure(config):
         raise pytest.UsageError(message)
 
 
+# The scopes that take longest under two workers, about longest first (the e2e tests, one scope, take a third
+# of the suite's work; read off a --durations run): first in the queue under ``pytest -n``, so that the workers
+# finish together instead of one starting a long module at the end. Only the order changes; a stale entry
+# costs balance, nothing else.
+LONGEST_FIRST = (
+    "tests/e2e",
+    "tests/integration/test_omg.py",
+    "tests/integration/test_lora_composer.py",
+    "tests/integration/test_concept_conductor.py",
+    "tests/integration/test_compare_methods.py",
+    "tests/integration/test_training_cli.py",
+    "tests/integration/test_mixofshow_regional.py",
+    "tests/integration/test_training.py",
+    "tests/integration/test_fusion.py",
+    "tests/integration/test_response_mix.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=SKIP_REASON)
     for item in items:
@@ -94,6 +112,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, kind))
         if COMFY_PATH is None and any(item.get_closest_marker(m) for m in COMFY_MARKERS):
             item.add_marker(skip)
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: this order is the order scopes are handed out
+        rank = {scope: i for i, scope in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(worker_scope(item.nodeid), len(rank)))
 
 
 def worker_scope(nodeid: str) -> str:
@@ -112,6 +133,7 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             return worker_scope(nodeid)
 
+    config.option.loadscopereorder = False  # keep LONGEST_FIRST's order (xdist would sort by test count)
     return ScopeScheduling(config, log)
 
 
@@ -223,6 +245,21 @@ def tiny_models(comfy, tiny_checkpoint):
     import nodes
 
     return tuple(nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint)[:3])
+
+
+@pytest.fixture(scope="module")
+def tiny_models_shallow_clip(comfy, tiny_checkpoint_path):
+    """(MODEL, CLIP, VAE) of the tiny checkpoint with the first 3 of CLIP-L's 12 layers (SHALLOW_TEXT_LAYERS in
+    tests/support/builders/sd15.py), for modules whose time is the text encoder: ED-LoRA prompts are encoded
+    16 times (once per cross-attention layer), and training runs that forward and backward, three quarters of
+    a step at full depth. Loaded with ComfyUI's own ``te_model_options`` (the text model's config, as for any
+    CLIP whose depth differs); the layers beyond are not read from the file."""
+    from comfy.sd import load_checkpoint_guess_config
+
+    from tests.support.builders.sd15 import SHALLOW_TEXT_LAYERS
+
+    options = {"clip_l_model_config": {"num_hidden_layers": SHALLOW_TEXT_LAYERS}}
+    return tuple(load_checkpoint_guess_config(str(tiny_checkpoint_path), te_model_options=options)[:3])
 
 
 @pytest.fixture(scope="session")

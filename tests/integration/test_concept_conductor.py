@@ -11,8 +11,11 @@ import sys
 import pytest
 import torch
 
-from tests.support.builders.edlora import official_edlora
+from tests.support.builders.edlora import clip_te_modules, official_edlora
 from tests.support.builders.lora import SD15_ALL, make_lora
+from tests.support.builders.sd15 import SHALLOW_TEXT_LAYERS
+
+SHALLOW_TE = clip_te_modules(SHALLOW_TEXT_LAYERS, 768)  # text LoRA on the 3-layer CLIP of tiny_models_shallow_clip
 
 W, H = 128, 96  # non-square on purpose
 STEPS = 6
@@ -38,16 +41,20 @@ def latent(batch=1, h=H, w=W):
 
 
 @pytest.fixture(scope="module")
-def base(comfy, tiny_models):
+def base(comfy, tiny_models_shallow_clip):
     from safetensors.torch import save_file
 
-    model, clip, vae = tiny_models[:3]
+    model, clip, vae = tiny_models_shallow_clip[:3]
     d = comfy.models_dir / "loras"
     d.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(("cc_a", "cc_b")):
         save_file(make_lora(model, SD15_ALL, seed=90 + i, scale=0.6), str(d / f"{name}.safetensors"))
-    torch.save(official_edlora(words=("<cat1>", "<cat2>"), seed=41, lora_scale=0.05), d / "cc_cat.pth")
-    torch.save(official_edlora(words=("<dog1>", "<dog2>"), seed=42, lora_scale=0.05), d / "cc_dog.pth")
+    torch.save(
+        official_edlora(words=("<cat1>", "<cat2>"), seed=41, lora_scale=0.05, te_modules=SHALLOW_TE), d / "cc_cat.pth"
+    )
+    torch.save(
+        official_edlora(words=("<dog1>", "<dog2>"), seed=42, lora_scale=0.05, te_modules=SHALLOW_TE), d / "cc_dog.pth"
+    )
     return model, clip, vae
 
 

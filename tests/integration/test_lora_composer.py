@@ -11,8 +11,11 @@ import sys
 import pytest
 import torch
 
-from tests.support.builders.edlora import official_edlora
+from tests.support.builders.edlora import clip_te_modules, official_edlora
+from tests.support.builders.sd15 import SHALLOW_TEXT_LAYERS
 from tests.support.graphs import plain_txt2img
+
+SHALLOW_TE = clip_te_modules(SHALLOW_TEXT_LAYERS, 768)  # text LoRA on the 3-layer CLIP of tiny_models_shallow_clip
 
 W, H = 256, 192  # the loss map is 1/32 of the image: 8 x 6 cells
 LEFT = {"x": 0.0625, "y": 0.125, "w": 0.375, "h": 0.75, "label": "cat", "prompt": "a photo of <cat1> <cat2>"}
@@ -23,13 +26,16 @@ OFF = dict(enhancement=0.0, fill=0.0, region=0.0, isolation=False, reinitialise=
 
 
 @pytest.fixture(scope="module")
-def base(comfy, tiny_models):
-
-    model, clip, vae = tiny_models[:3]
+def base(comfy, tiny_models_shallow_clip):
+    model, clip, vae = tiny_models_shallow_clip[:3]
     d = comfy.models_dir / "loras"
     d.mkdir(parents=True, exist_ok=True)
-    torch.save(official_edlora(words=("<cat1>", "<cat2>"), seed=41, lora_scale=0.05), d / "lc_cat.pth")
-    torch.save(official_edlora(words=("<dog1>", "<dog2>"), seed=42, lora_scale=0.05), d / "lc_dog.pth")
+    torch.save(
+        official_edlora(words=("<cat1>", "<cat2>"), seed=41, lora_scale=0.05, te_modules=SHALLOW_TE), d / "lc_cat.pth"
+    )
+    torch.save(
+        official_edlora(words=("<dog1>", "<dog2>"), seed=42, lora_scale=0.05, te_modules=SHALLOW_TE), d / "lc_dog.pth"
+    )
     return model, clip, vae
 
 
@@ -92,21 +98,23 @@ def map_loss(lc, guider, step):
 
 def test_with_every_constraint_off_the_guider_is_mixofshow_regional_sampling(comfy, base):
     model, clip, _ = base
+    steps = 3  # exactness holds at any step count; 3 keeps the three runs short
     guider, _ = composer(comfy, model, clip, **OFF)
-    ours = run(guider)
+    ours = run(guider, steps=steps)
     mos = comfy.node_class("MultiConceptMixOfShowRegional")
     m, pos, neg, _ = mos.execute(model, clip, regions_of(comfy, [LEFT, RIGHT]), GLOBAL, "blurry",
                                  concepts=stack_of(comfy)).result  # fmt: skip
     reference = core("samplers").CFGGuider(m)
     reference.set_conds(pos, neg)
     reference.set_cfg(4.0)
-    theirs = run(reference)
+    theirs = run(reference, steps=steps)
     assert torch.isfinite(ours).all() and float(ours.std()) > 0.05
     assert torch.equal(ours, theirs)
     # and the step size 0 alone gives the same too (no probe passes), with the maps still recorded
     guider, _ = composer(comfy, model, clip, step_size=0.0, isolation=False, reinitialise=False)
-    assert torch.equal(run(guider), theirs)
-    assert sorted(guider.state.history) == list(range(6)) and all(r.maps for r in guider.state.history.values())
+    assert torch.equal(run(guider, steps=steps), theirs)
+    assert sorted(guider.state.history) == list(range(steps))
+    assert all(r.maps for r in guider.state.history.values())
 
 
 # ---------------------------------------------------------------------------------------- latent steps
@@ -230,8 +238,8 @@ def test_isolation_in_the_models_own_self_attention_layers(comfy, base, lc):
 
 def test_isolation_changes_the_picture_and_reinitialisation_moves_noise_into_the_boxes(comfy, base):
     model, clip, _ = base
-    plain = run(composer(comfy, model, clip, **OFF)[0])
-    isolated = run(composer(comfy, model, clip, **dict(OFF, isolation=True))[0])
+    plain = run(composer(comfy, model, clip, **OFF)[0], steps=3)
+    isolated = run(composer(comfy, model, clip, **dict(OFF, isolation=True))[0], steps=3)
     assert float((isolated - plain).abs().mean()) > 1e-3
 
     seen = []
@@ -243,7 +251,7 @@ def test_isolation_changes_the_picture_and_reinitialisation_moves_noise_into_the
             return super().sample(model_wrap, sigmas, extra_args, callback, noise, *args, **kw)
 
     recording = Recording(euler.sampler_function, euler.extra_options, euler.inpaint_options)
-    run(composer(comfy, model, clip, **dict(OFF, reinitialise=True))[0], sampler_object=recording)
+    run(composer(comfy, model, clip, **dict(OFF, reinitialise=True))[0], steps=1, sampler_object=recording)
     original = core("sample").prepare_noise(torch.zeros(1, 4, H // 8, W // 8), 5)
     moved = seen[0]
     assert not torch.equal(moved, original)
@@ -285,7 +293,7 @@ def test_no_gradient_reaches_a_weight_and_plain_sampling_is_unchanged(comfy, bas
     before = plain()
     weights = {k: v.clone() for k, v in model.model.state_dict().items()}
     guider, _ = composer(comfy, model, clip)
-    run(guider)
+    run(guider, steps=3)
     assert guider.steps_refined > 0
     assert all(p.grad is None for p in model.model.parameters())
     after = plain()

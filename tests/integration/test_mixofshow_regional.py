@@ -8,8 +8,11 @@ import json
 import pytest
 import torch
 
-from tests.support.builders.edlora import official_edlora
+from tests.support.builders.edlora import clip_te_modules, official_edlora
+from tests.support.builders.sd15 import SHALLOW_TEXT_LAYERS
 from tests.support.graphs import plain_txt2img
+
+SHALLOW_TE = clip_te_modules(SHALLOW_TEXT_LAYERS, 768)  # text LoRA on the 3-layer CLIP of tiny_models_shallow_clip
 
 W, H = 128, 96  # non-square on purpose
 LEFT = {"x": 0.0625, "y": 0.125, "w": 0.375, "h": 0.75, "label": "cat", "prompt": "a photo of a cat"}
@@ -19,14 +22,17 @@ NODE_ID = "MultiConceptMixOfShowRegional"
 
 
 @pytest.fixture(scope="module")
-def base(comfy, tiny_models):
-
-    model, clip, vae = tiny_models[:3]
+def base(comfy, tiny_models_shallow_clip):
+    model, clip, vae = tiny_models_shallow_clip[:3]
     d = comfy.models_dir / "loras"
     d.mkdir(parents=True, exist_ok=True)
     # strong enough text-encoder LoRAs that using the wrong one would show
-    torch.save(official_edlora(words=("<cat1>", "<cat2>"), seed=31, lora_scale=0.08), d / "mos_cat.pth")
-    torch.save(official_edlora(words=("<dog1>", "<dog2>"), seed=32, lora_scale=0.08), d / "mos_dog.pth")
+    torch.save(
+        official_edlora(words=("<cat1>", "<cat2>"), seed=31, lora_scale=0.08, te_modules=SHALLOW_TE), d / "mos_cat.pth"
+    )
+    torch.save(
+        official_edlora(words=("<dog1>", "<dog2>"), seed=32, lora_scale=0.08, te_modules=SHALLOW_TE), d / "mos_dog.pth"
+    )
     return model, clip, vae
 
 

@@ -14,7 +14,10 @@ from safetensors.torch import save_file
 
 from tests.support.builders.edlora import clip_te_modules, official_edlora, sdxl_unet_modules
 from tests.support.builders.lora import SD15_ATTENTION, make_lora
+from tests.support.builders.sd15 import SHALLOW_TEXT_LAYERS
 from tests.support.tensors import same_bits
+
+SHALLOW_TE = clip_te_modules(SHALLOW_TEXT_LAYERS, 768)  # text LoRA on the 3-layer CLIP of tiny_models_shallow_clip
 
 NODE = "Response-Weighted Concept Mix"
 A_WORDS, B_WORDS = ("<rwa1>", "<rwa2>"), ("<rwb1>", "<rwb2>")
@@ -41,13 +44,12 @@ def core(name):
 
 
 @pytest.fixture(scope="module")
-def base(comfy, tiny_models):
-
-    model, clip = tiny_models[:2]
+def base(comfy, tiny_models_shallow_clip):
+    model, clip = tiny_models_shallow_clip[:2]
     d = comfy.models_dir / "loras"
     d.mkdir(parents=True, exist_ok=True)
-    a = official_edlora(words=A_WORDS, seed=61, lora_scale=0.05)
-    b = official_edlora(words=B_WORDS, seed=62, lora_scale=0.05)
+    a = official_edlora(words=A_WORDS, seed=61, lora_scale=0.05, te_modules=SHALLOW_TE)
+    b = official_edlora(words=B_WORDS, seed=62, lora_scale=0.05, te_modules=SHALLOW_TE)
     for data in (a, b):
         data["params"]["new_concept_embedding"] = {
             w: t * LOUD for w, t in data["params"]["new_concept_embedding"].items()

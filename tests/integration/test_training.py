@@ -20,9 +20,9 @@ NODE = "MultiConceptTrainEDLoRA"
 
 
 @pytest.fixture(scope="module")
-def base(comfy, tiny_models):
-
-    model, clip, vae = tiny_models[:3]
+def base(comfy, tiny_models_shallow_clip):
+    """The tiny checkpoint with a 3-layer CLIP-L (tests/conftest.py): a training step costs a quarter."""
+    model, clip, vae = tiny_models_shallow_clip
     return model, clip, vae
 
 

@@ -62,6 +62,11 @@ UNET_CONFIG = {
     "num_head_channels": -1,
 }
 
+# Text-encoder depth for the tests that only need *a* text encoder (conftest's ``tiny_models_shallow_clip``):
+# SD1.5 reads CLIP-L's last layer, so the first 3 of the file's 12 layers make a working, four times cheaper
+# one, loaded through ComfyUI's ``te_model_options``. ED-LoRA files for it carry text LoRA on those 3 layers
+# (``clip_te_modules(SHALLOW_TEXT_LAYERS, 768)``); such files load into the full-depth CLIP as well.
+SHALLOW_TEXT_LAYERS = 3
 LATENT_CHANNELS = 4
 GROUP = 10  # channels per GroupNorm group at width 320 (32 groups)
 RANDOM_SHARE = 0.3  # how much of the deep (prompt-dependent) path reaches the last output block
