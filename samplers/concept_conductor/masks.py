@@ -7,8 +7,8 @@ k-means splits the grid into object-shaped regions.
 
 Sampling starts from the user's masks (boxes or SAM). Every few steps ``refine_masks`` replaces them:
 
-* for each concept ``i``, its branch's self-attention is clustered with every ``k`` from ``N + 1`` to ``2N``
-  (``N`` concepts). Of all those clusters, the one that best overlaps (IoU) the concept's previous *custom*
+* for each concept ``i``, its branch's self-attention is clustered with every ``k`` from ``N + 1`` to
+  ``2N + 1`` (``N`` concepts; ``cluster_counts``). Of all those clusters, the one that best overlaps (IoU) the concept's previous *custom*
   mask becomes the new custom mask if the IoU reaches ``threshold``; otherwise the new custom mask is the
   bounding rectangle of the previous one (a failed clustering must not lose the concept);
 * the same against the previous *base* mask, with the clusters of the base branch's self-attention (the
@@ -26,6 +26,16 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+
+def cluster_counts(n_concepts: int) -> range:
+    """The k-means cluster counts tried at each refinement: ``N + 1`` to ``2N + 1`` for ``N`` concepts.
+
+    Official: Nihukat/Concept-Conductor, concept_conductor/pipelines/attention_processor.py, lines 497-500
+    (``update_custom_masks``): ``num_clusters_min = len(self.all_token_ids)``, the branch count with the base
+    branch (``N + 1``), and ``range(num_clusters_min, num_clusters_min * 2)``, i.e. up to ``2N + 1``.
+    """
+    return range(n_concepts + 1, 2 * n_concepts + 2)
 
 
 def flat(masks: torch.Tensor) -> torch.Tensor:
@@ -213,7 +223,7 @@ def refine_masks(
     device = base_attn.device
     previous_custom, previous_base = previous_custom.to(device).bool(), previous_base.to(device).bool()
     previous_combined = previous_combined.to(device).bool()
-    ks = range(n + 1, 2 * n + 1)
+    ks = cluster_counts(n)
     base_clusters = attention_clusters(base_attn, grid, ks, n_init=n_init, generator=generator)
     custom, base = [], []
     for i, attn in enumerate(custom_attn):

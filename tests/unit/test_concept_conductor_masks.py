@@ -13,6 +13,7 @@ from multiconcept.samplers.concept_conductor.masks import (
     attention_clusters,
     best_match,
     bounding_rect,
+    cluster_counts,
     flat,
     iou,
     kmeans,
@@ -228,3 +229,29 @@ def test_masks_at_area_threshold_bilinear_and_aspect_check():
         masks_at(m, (8, 8))
     with pytest.raises(ValueError, match=r"\[N, H, W\]"):
         masks_at(m[0], (8, 6))
+
+
+def test_cluster_counts_are_the_official_n_plus_1_to_2n_plus_1(monkeypatch):
+    # Official: Nihukat/Concept-Conductor, concept_conductor/pipelines/attention_processor.py:497-500 —
+    # num_clusters_min = len(all_token_ids) (N concepts + the base branch), range(min, 2 * min).
+    assert list(cluster_counts(1)) == [2, 3]
+    assert list(cluster_counts(2)) == [3, 4, 5]
+    assert list(cluster_counts(3)) == [4, 5, 6, 7]
+    # and refine_masks clusters every branch (the base branch once) with exactly those counts
+    import multiconcept.samplers.concept_conductor.masks as masks_module
+
+    seen = []
+    real = masks_module.attention_clusters
+
+    def recording(attn, grid, ks, **kw):
+        seen.append(list(ks))
+        return real(attn, grid, ks, **kw)
+
+    monkeypatch.setattr(masks_module, "attention_clusters", recording)
+    gen = torch.Generator().manual_seed(0)
+    attn = torch.softmax(torch.randn(H * W, H * W, generator=gen), dim=-1)
+    boxes = torch.zeros(2, H, W, dtype=torch.bool)
+    boxes[0, 2:8, 2:8] = True
+    boxes[1, 8:14, 8:14] = True
+    refine_masks([attn, attn], attn, (H, W), boxes, boxes, boxes, n_init=2, generator=gen)
+    assert seen == [[3, 4, 5]] * 3  # the base branch, then each concept's branch
