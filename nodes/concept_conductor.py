@@ -163,8 +163,12 @@ def _conductor_outputs(first, masks_tooltip: str, preview_tooltip: str) -> list:
     ]
 
 
-def _settings(alignment_weight, alignment_end, alignment_every, shape_masks, refine_start, refine_end,
+def _settings(node: str, alignment_weight, alignment_end, alignment_every, shape_masks, refine_start, refine_end,
               kmeans_restarts, overlap_threshold) -> ConductorSettings:  # fmt: skip
+    if shape_masks and float(refine_start) > float(refine_end):
+        raise NodeError(node, f"refine_start ({float(refine_start):g}) is after refine_end ({float(refine_end):g}), so "
+                        "the masks would never be refined. Make refine_start at most refine_end (the official "
+                        "SD1.5 window is 0.25..0.4), or turn shape_masks off.")  # fmt: skip
     return ConductorSettings(
         alignment_weight=float(alignment_weight), alignment_end=float(alignment_end),
         alignment_every=int(alignment_every), shape_masks=bool(shape_masks), refine_start=float(refine_start),
@@ -260,7 +264,7 @@ class ConceptConductor(io.ComfyNode):
         check_sampler_names(cls.NAME, sampler_name, scheduler)
         samples = latent_image["samples"]
         height, width = int(samples.shape[-2]) * 8, int(samples.shape[-1]) * 8
-        settings = _settings(alignment_weight, alignment_end, alignment_every, shape_masks, refine_start, refine_end,
+        settings = _settings(cls.NAME, alignment_weight, alignment_end, alignment_every, shape_masks, refine_start, refine_end,
                              kmeans_restarts, overlap_threshold)  # fmt: skip
         try:
             reference = None
@@ -334,7 +338,7 @@ class ConceptConductorGuider(io.ComfyNode):
                 alignment_end=_D.alignment_end, alignment_every=_D.alignment_every, shape_masks=_D.shape_masks,
                 refine_start=_D.refine_start, refine_end=_D.refine_end, kmeans_restarts=_D.kmeans_restarts,
                 overlap_threshold=_D.overlap_threshold) -> io.NodeOutput:  # fmt: skip
-        settings = _settings(alignment_weight, alignment_end, alignment_every, shape_masks, refine_start, refine_end,
+        settings = _settings(cls.NAME, alignment_weight, alignment_end, alignment_every, shape_masks, refine_start, refine_end,
                              kmeans_restarts, overlap_threshold)  # fmt: skip
         reference = None if reference_latent is None else reference_latent["samples"]
         try:

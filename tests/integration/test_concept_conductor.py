@@ -401,6 +401,18 @@ def test_the_nodes_refuse_bad_input_naming_themselves(comfy, base):
         run_sampler_node(comfy, base, stack, masks=torch.ones(2, 64, 256))
     with pytest.raises(error, match="reference_image is 64x64 px"):
         run_sampler_node(comfy, base, stack, regions_of(comfy, TWO_BOXES), reference_image=torch.rand(1, 64, 64, 3))
+    # a refinement window that ends before it starts (nothing runs before the check: no sampling here)
+    window = dict(refine_start=0.6, refine_end=0.3)
+    with pytest.raises(error, match="Concept Conductor Sampler: refine_start \\(0.6\\) is after refine_end \\(0.3\\)"):
+        run_sampler_node(comfy, base, stack, regions_of(comfy, TWO_BOXES), **window)
+    guider_node = comfy.node_class("MultiConceptConceptConductorGuider")
+    with pytest.raises(error, match="Concept Conductor Guider: refine_start .* turn shape_masks off"):
+        guider_node.execute(
+            base[0], base[1], 5.0, W, H, stack, SCENE, "", regions=regions_of(comfy, TWO_BOXES), **window
+        )
+    # with shape_masks off the window is unused, so it is not an error
+    guider_node.execute(base[0], base[1], 5.0, W, H, stack, SCENE, "", regions=regions_of(comfy, TWO_BOXES),
+                        shape_masks=False, **window)  # fmt: skip
 
 
 def test_a_call_split_for_low_memory_gives_the_same_picture(comfy, base, cc, monkeypatch):
