@@ -16,15 +16,17 @@ checkpoint they were fused on, so the file is small next to a checkpoint and nee
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 
-from .weights import CheckpointFileError, read_tensor_file
+from .weights import CheckpointFileError, check_weight_tensor, read_tensor_file
 
 FORMAT_NAME = "multiconcept.fused"
 FORMAT_VERSION = "1"
+BASE_MODELS = ("sd15", "sdxl")  # the families Fuse Concepts writes
 
 
 class FusedFileError(ValueError):
@@ -128,16 +130,39 @@ def read_fused(path: str | os.PathLike) -> FusedConcepts:
         )
     if metadata.get("format_version") != FORMAT_VERSION:
         raise FusedFileError(f"{name} has format version {metadata.get('format_version')!r}; this pack reads 1")
+    base_model = str(metadata.get("base_model", ""))
+    if base_model not in BASE_MODELS:
+        raise FusedFileError(
+            f"{name}: its base_model is {base_model!r}, not one of {', '.join(BASE_MODELS)}; the file is damaged or "
+            "from another tool. Fuse the concepts again with Fuse Concepts."
+        )
     try:
         concepts_meta = json.loads(metadata.get("concepts", "[]"))
         residuals = json.loads(metadata.get("residuals", "[]"))
         fingerprint = json.loads(metadata.get("base_fingerprint", "{}"))
     except json.JSONDecodeError:
         raise FusedFileError(f"{name}: its metadata is not valid JSON; the file is damaged") from None
+    if not isinstance(concepts_meta, list) or not all(isinstance(m, dict) for m in concepts_meta):
+        raise FusedFileError(
+            f"{name}: its 'concepts' metadata is a {type(concepts_meta).__name__}, not a list of concepts; the file "
+            "is damaged. Fuse the concepts again."
+        )
+    if not isinstance(residuals, list) or not isinstance(fingerprint, dict):
+        raise FusedFileError(
+            f"{name}: its 'residuals' / 'base_fingerprint' metadata has the wrong shape; the file is damaged"
+        )
     unet, clip, emb = {}, {}, {}
     for key, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise FusedFileError(f"{name}: {key} holds NaN or infinite values; fuse the concepts again")
+        # weight differences and embeddings: finite floats of a trained weight's magnitude (a 1e30 difference
+        # would give a black picture), with the rank their use needs
+        try:
+            check_weight_tensor(t, f"{name}: {key}")
+        except CheckpointFileError as e:
+            raise FusedFileError(f"{e}; fuse the concepts again") from None
+        if key.startswith("embedding.") and t.ndim != 2:
+            raise FusedFileError(f"{name}: {key} has shape {list(t.shape)}, not [layers, width]; the file is damaged")
+        if t.ndim < 1:
+            raise FusedFileError(f"{name}: {key} is a single number, not a weight difference; the file is damaged")
         if key.startswith("unet."):
             unet[key[len("unet.") :]] = t
         elif key.startswith("clip."):
@@ -151,35 +176,46 @@ def read_fused(path: str | os.PathLike) -> FusedConcepts:
             emb.setdefault(int(n), {}).setdefault(word, {})[clip_key] = t
         else:
             raise FusedFileError(f"{name}: unexpected entry {key!r}")
-    concepts = []
-    for n, m in enumerate(concepts_meta):
-        words = tuple(m.get("words", ()))
-        embeddings = emb.get(n, {})
-        if m.get("kind") == "edlora" and set(embeddings) != set(words):
-            raise FusedFileError(
-                f"{name}: concept {n + 1} lists words {words} but stores embeddings for {sorted(embeddings)}"
-            )
-        concepts.append(
-            FusedConceptInfo(
-                kind=str(m.get("kind", "")),
-                source=str(m.get("source", "")),
-                words=words,
-                class_word=str(m.get("class_word", "")),
-                label=str(m.get("label", "")),
-                strength_unet=float(m.get("strength_unet", 1.0)),
-                strength_text=float(m.get("strength_text", 1.0)),
-                embeddings=embeddings,
-            )
-        )
+    try:
+        concepts = [_concept_info(n, m, emb.get(n, {}), name) for n, m in enumerate(concepts_meta)]
+    except (TypeError, ValueError) as e:
+        if isinstance(e, FusedFileError):
+            raise
+        raise FusedFileError(f"{name}: its 'concepts' metadata is damaged ({e}); fuse the concepts again") from None
     if not concepts:
         raise FusedFileError(f"{name} lists no concepts")
     return FusedConcepts(
         fusion_id=str(metadata.get("fusion_id", "")),
-        base_model=str(metadata.get("base_model", "")),
+        base_model=base_model,
         unet=unet,
         clip=clip,
         concepts=tuple(concepts),
         solver=str(metadata.get("solver", "")),
         residuals=residuals,
         base_fingerprint=fingerprint,
+    )
+
+
+def _concept_info(n: int, m: dict, embeddings: dict, name: str) -> FusedConceptInfo:
+    """Concept ``n`` of the metadata list, with its stored embeddings."""
+    words = m.get("words", ())
+    if not isinstance(words, list | tuple) or not all(isinstance(w, str) for w in words):
+        raise FusedFileError(f"{name}: concept {n + 1}'s words are {words!r}, not a list of words; the file is damaged")
+    words = tuple(words)
+    if m.get("kind") == "edlora" and set(embeddings) != set(words):
+        raise FusedFileError(
+            f"{name}: concept {n + 1} lists words {words} but stores embeddings for {sorted(embeddings)}"
+        )
+    strengths = float(m.get("strength_unet", 1.0)), float(m.get("strength_text", 1.0))
+    if not all(math.isfinite(v) for v in strengths):
+        raise FusedFileError(f"{name}: concept {n + 1}'s strengths are {strengths}, not numbers; the file is damaged")
+    return FusedConceptInfo(
+        kind=str(m.get("kind", "")),
+        source=str(m.get("source", "")),
+        words=words,
+        class_word=str(m.get("class_word", "")),
+        label=str(m.get("label", "")),
+        strength_unet=strengths[0],
+        strength_text=strengths[1],
+        embeddings=embeddings,
     )

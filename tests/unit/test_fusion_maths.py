@@ -3,6 +3,8 @@ keeps one concept exactly, beats the plain sum; moments accumulate XᵀX; the fu
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -205,3 +207,54 @@ def test_single_concept_readers_refuse_a_fused_file(tmp_path):
         read_edlora(path)
     with pytest.raises(CheckpointFileError, match="Load Fused Concepts"):
         read_lora_file(path)
+
+
+def _tampered(tmp_path, name, change_tensors=None, change_metadata=None):
+    """A fused file written by write_fused's own layout, then changed as a damaged or hostile file would be."""
+    from safetensors.torch import save_file
+
+    from multiconcept.formats.fused import to_safetensors_dict
+
+    tensors, metadata = to_safetensors_dict(_fused())
+    if change_tensors:
+        change_tensors(tensors)
+    if change_metadata:
+        change_metadata(metadata)
+    path = tmp_path / f"{name}.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _first(prefix):
+    return lambda tensors: next(k for k in tensors if k.startswith(prefix))
+
+
+@pytest.mark.parametrize(
+    ("case", "tensors", "metadata", "message"),
+    [
+        ("huge", lambda t: t.update({_first("unet.")(t): t[_first("unet.")(t)].float() + 1e30}), None,
+         "far beyond any trained weight"),
+        ("nan", lambda t: t.update({_first("clip.")(t): t[_first("clip.")(t)] * float("nan")}), None,
+         "NaN or infinite"),
+        ("integer", lambda t: t.update({_first("unet.")(t): torch.ones(4, 4, dtype=torch.int32)}), None,
+         "int32 values, not floats"),
+        ("scalar", lambda t: t.update({_first("unet.")(t): torch.tensor(0.5)}), None, "a single number"),
+        ("flat_embedding", lambda t: t.update({_first("embedding.")(t): torch.zeros(8)}), None,
+         "not \\[layers, width\\]"),
+        ("family", None, lambda m: m.update(base_model="sd3"), "base_model is 'sd3', not one of sd15, sdxl"),
+        ("concepts_string", None, lambda m: m.update(concepts=json.dumps("two concepts")),
+         "'concepts' metadata is a str, not a list"),
+        ("words_number", None, lambda m: m.update(concepts=json.dumps([{"kind": "lora", "words": 5}])),
+         "concept 1's words are 5"),
+        ("strength_text", None,
+         lambda m: m.update(concepts=json.dumps([{"kind": "lora", "words": ["sks"], "strength_unet": "strong"}])),
+         "'concepts' metadata is damaged"),
+        ("strength_nan", None,
+         lambda m: m.update(concepts=json.dumps([{"kind": "lora", "words": ["sks"], "strength_unet": "nan"}])),
+         "strengths are \\(nan, 1.0\\)"),
+    ],
+)  # fmt: skip
+def test_damaged_fused_files_are_refused_by_name(tmp_path, case, tensors, metadata, message):
+    path = _tampered(tmp_path, case, tensors, metadata)
+    with pytest.raises(FusedFileError, match=f"^{case}.safetensors: .*{message}"):
+        read_fused(path)
