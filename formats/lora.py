@@ -11,6 +11,7 @@ Pure torch + safetensors; no ComfyUI imports.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -60,5 +61,40 @@ def read_lora_file(path: str) -> LoRAFile:
             )
         if value.is_floating_point() and value.numel():
             check_weight_tensor(value, f"{name}: {key}")
+        elif not value.is_floating_point() and not _is_scalar_setting(str(key), value):
+            raise CheckpointFileError(
+                f"{name}: entry {str(key)!r} holds {str(value.dtype).replace('torch.', '')} values, not float weights: "
+                "the file is broken or not a LoRA. Save the LoRA with float weights (fp32, fp16 or bf16)."
+            )
         tensors[str(key)] = value
     return LoRAFile(name=name, tensors=tensors, metadata=dict(metadata))
+
+
+# Settings a LoRA may store as integers: alpha (kohya writes it as an int when it was one), LoKr's rank split.
+_SCALAR_SETTINGS = (".alpha", ".reshape_weight")
+
+
+def _is_scalar_setting(key: str, value: torch.Tensor) -> bool:
+    return key.endswith(_SCALAR_SETTINGS) and value.numel() <= 4
+
+
+# A cross-attention key/value projection's input width is the text width the model was trained with.
+_CROSS_ATTENTION_DOWN = re.compile(r"attn2[._](processor[._])?(to_)?k[._].*(lora_down|lora_A|[._]down)")
+_CONTEXT_WIDTHS = {768: "SD1.5", 1024: "SD2", 2048: "SDXL"}
+
+
+def family_hint(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The model family a LoRA was most likely made for, from its key names and shapes; None when unclear.
+
+    Only for messages: which layers fit is decided against the model itself.
+    """
+    keys = list(tensors)
+    if any("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k for k in keys):
+        return "Flux"
+    if any("joint_blocks" in k or "context_block" in k for k in keys):
+        return "SD3"
+    if any(k.startswith(("lora_te2_", "text_encoder_2", "te2.", "te2_")) for k in keys):
+        return "SDXL"
+    widths = {int(v.shape[1]) for k, v in tensors.items() if v.ndim == 2 and _CROSS_ATTENTION_DOWN.search(k)}
+    found = {_CONTEXT_WIDTHS[w] for w in widths if w in _CONTEXT_WIDTHS}
+    return found.pop() if len(found) == 1 else None

@@ -11,6 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from ..samplers.concept_stack import ConceptStack
+from ..samplers.concept_stack.lora_fit import LoRAFitError, lora_patches
 from ..samplers.edlora.clip import LAYERWISE_KEY
 from ..samplers.edlora.model import (
     FUSED_KEY,
@@ -30,7 +31,7 @@ from ..samplers.mixofshow.sampling import (
     install_regional_attention,
 )
 from ..samplers.regions.preview import draw_regions
-from ..samplers.scoped_lora.adapters import TEXT_ENCODER_PREFIXES, ResolvedConcept, ScopedLoRAError, resolve_concept
+from ..samplers.scoped_lora.adapters import ResolvedConcept, ScopedLoRAError, resolve_concept
 from ..samplers.scoped_lora.runtime import Scope, ScopedConcept, install_scoped_lora
 from .common import CATEGORY_METHODS, TOKENIZER_ERRORS, ConceptStackType, NodeError, checked_inputs, encoding_error
 from .inputs import prompt_input
@@ -173,7 +174,7 @@ def build_regional(node, model, clip, regions, global_prompt, global_negative, c
             clip, stack, plans, global_prompt, global_negative, adapters
         )
         install_regional_attention(clone, node)
-    except (RegionalPlanError, RegionalSamplingError, ScopedLoRAError, EDLoRAApplyError) as e:
+    except (RegionalPlanError, RegionalSamplingError, ScopedLoRAError, EDLoRAApplyError, LoRAFitError) as e:
         raise NodeError(node, str(e)) from None
     except TOKENIZER_ERRORS as e:
         raise encoding_error(node, e, "the prompts") from None
@@ -221,15 +222,8 @@ def _apply_unet_adapters(node, clone, stack, plans, masks, mode) -> tuple[dict, 
             if concept.kind == "edlora":
                 clone.add_patches(unet_patches(clone, concept.adapter, concept.source), concept.strength_unet)
             else:
-                import comfy.lora
-
-                key_map = comfy.lora.model_lora_keys_unet(clone.model, {})
-                tensors = {
-                    k: v
-                    for k, v in concept.adapter.tensors.items()
-                    if not (k.startswith(TEXT_ENCODER_PREFIXES) or ".text_model." in k)
-                }
-                clone.add_patches(comfy.lora.load_lora(tensors, key_map, log_missing=False), concept.strength_unet)
+                fitted = lora_patches(concept.adapter.tensors, concept.source, clone)
+                clone.add_patches(fitted.unet, concept.strength_unet)
             continue
         resolved = resolve_concept(clone, concept)
         kv = {p: f for p, f in resolved.factors.items() if _ATTN2_KV.search(p)}

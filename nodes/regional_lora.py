@@ -74,7 +74,7 @@ class RegionalLoRA(io.ComfyNode):
                 raise NodeError(cls.NAME, str(e)) from None
             if resolved.ignored_text_keys:
                 log.info(
-                    "[multi-concept] %s: %s also has %d text-encoder LoRA entries; prompts are global here, so "
+                    "[multi-concept] %s: %s also has %d text-encoder LoRA layers; prompts are global here, so "
                     "they are not applied.",
                     cls.NAME,
                     concept.source,

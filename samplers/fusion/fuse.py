@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...formats.fused import FusedConceptInfo, FusedConcepts
+from ..concept_stack.lora_fit import LoRAFitError, lora_patches
 from ..concept_stack.stack import Concept, ConceptStack
 from ..edlora.clip import LAYERWISE_KEY, concept_vocabulary_of, with_vocabulary
 from ..edlora.layerwise import cross_attention_paths
@@ -43,7 +44,6 @@ from ..edlora.model import (
 from ..edlora.vocabulary import ConceptEntry
 from ..mixofshow.encoding import concept_clip, encode
 from ..prompt_tokens import token_ids
-from ..scoped_lora.adapters import TEXT_ENCODER_PREFIXES
 from .moments import MomentAccumulator, input_group, recording
 from .solvers import DEFAULT_RIDGE, SOLVERS, LayerProblem, factor, plain_sum, relative_errors, solve
 
@@ -155,8 +155,6 @@ def check_stack(stack: ConceptStack, model, clip) -> str:
 
 def concept_patches(model, clip, concept: Concept) -> ConceptPatches:
     """The concept's UNet and text-encoder adapters as ComfyUI patch dicts keyed by weight key."""
-    import comfy.lora
-
     if concept.kind == "edlora":
         try:
             unet = unet_patches(model, concept.adapter, concept.source) if concept.strength_unet else {}
@@ -164,16 +162,12 @@ def concept_patches(model, clip, concept: Concept) -> ConceptPatches:
         except EDLoRAApplyError as e:
             raise FusionError(str(e)) from None
         return ConceptPatches(concept, unet, text)
-    tensors = concept.adapter.tensors
-    text_t = {k: v for k, v in tensors.items() if k.startswith(TEXT_ENCODER_PREFIXES) or ".text_model." in k}
-    unet_t = {k: v for k, v in tensors.items() if k not in text_t}
-    unet = {}
-    if concept.strength_unet and unet_t:
-        unet = comfy.lora.load_lora(unet_t, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
-    text = {}
-    if concept.strength_text and text_t:
-        keys = comfy.lora.model_lora_keys_clip(clip.patcher.model, {})
-        text = comfy.lora.load_lora(text_t, keys, log_missing=False)
+    try:  # checked whole, whatever the strengths: a file for another family is a mistake at any strength
+        fitted = lora_patches(concept.adapter.tensors, concept.source, model, clip)
+    except LoRAFitError as e:
+        raise FusionError(str(e)) from None
+    unet = fitted.unet if concept.strength_unet else {}
+    text = fitted.text if concept.strength_text else {}
     if not unet and not text:
         raise FusionError(f"{concept.source} has no LoRA weights this MODEL/CLIP can use (or both strengths are 0)")
     return ConceptPatches(concept, unet, text)

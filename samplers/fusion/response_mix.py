@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..concept_stack.lora_fit import LoRAFitError, lora_patches
 from ..concept_stack.stack import Concept, ConceptStack
 from ..edlora.clip import LAYERWISE_KEY, ConceptTokenizer
 from ..edlora.model import (
@@ -32,7 +33,6 @@ from ..edlora.model import (
     unet_patches,
 )
 from ..mixofshow.encoding import concept_clip, encode
-from ..scoped_lora.adapters import TEXT_ENCODER_PREFIXES
 from .response import DEFAULT_TEMPERATURE, MODES, response_scores, response_weights
 
 # SDXL's conditioning is torch.cat([CLIP-L, CLIP-G], dim=-1) (comfy/sdxl_clip.py); other keys follow, sorted.
@@ -53,10 +53,6 @@ class ResponseMix:
     scores: torch.Tensor  # R [N]
     weights: torch.Tensor  # w [N]
     table: str
-
-
-def _is_text_encoder_key(key: str) -> bool:
-    return key.startswith(TEXT_ENCODER_PREFIXES) or ".text_model." in key
 
 
 def _concept_title(index: int, concept: Concept) -> str:
@@ -224,15 +220,12 @@ def apply_weighted(model, clip, stack: ConceptStack, weights) -> tuple[object, o
     routing when there are ED-LoRA concepts, as the ED-LoRA Loader adds it). ``model`` and ``clip`` are
     never modified.
     """
-    import comfy.lora
-
     w = [float(x) for x in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
     if len(w) != len(stack):
         raise ResponseMixError(f"{len(w)} weight(s) for {len(stack)} concept(s)")
     _refuse_fused(stack)
     merged = set(model.model_options.get("transformer_options", {}).get(MERGED_KEY, ()))
     patches = []  # build everything first: a failure must leave nothing half-applied
-    key_map = None
     for i, (concept, wi) in enumerate(zip(stack, w, strict=True)):
         if concept.loader_uid and concept.loader_uid in merged:
             raise ResponseMixError(
@@ -245,17 +238,12 @@ def apply_weighted(model, clip, stack: ConceptStack, weights) -> tuple[object, o
         if concept.kind == "edlora":
             patches.append((unet_patches(model, concept.adapter, concept.source), strength))
             continue
-        tensors = {k: v for k, v in concept.adapter.tensors.items() if not _is_text_encoder_key(k)}
-        if not tensors:
-            continue
-        key_map = comfy.lora.model_lora_keys_unet(model.model, {}) if key_map is None else key_map
-        loaded = comfy.lora.load_lora(tensors, key_map, log_missing=False)
-        if not loaded:
-            raise ResponseMixError(
-                f"the UNet part of {_concept_title(i, concept)} fits no layer of this MODEL: the LoRA was made for "
-                "another model family. Use a LoRA trained for this checkpoint's family."
-            )
-        patches.append((loaded, strength))
+        try:
+            fitted = lora_patches(concept.adapter.tensors, _concept_title(i, concept), model)
+        except LoRAFitError as e:
+            raise ResponseMixError(str(e)) from None
+        if fitted.unet:
+            patches.append((fitted.unet, strength))
     edlora = [c for c in stack if c.kind == "edlora"]
     text_weighted = [replace(c, strength_text=c.strength_text * wi) for c, wi in zip(stack, w, strict=True)]
     new_clip = concept_clip(clip, edlora, text_weighted)

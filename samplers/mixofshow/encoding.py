@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from ..concept_stack.lora_fit import LoRAFitError, lora_patches
 from ..concept_stack.stack import Concept
 from ..edlora.clip import LAYERWISE_KEY, concept_vocabulary_of, with_vocabulary
 from ..edlora.vocabulary import ConceptEntry
-from ..scoped_lora.adapters import TEXT_ENCODER_PREFIXES
 from .plan import RegionalPlanError
 
 
@@ -57,13 +57,12 @@ def concept_clip(clip, concepts: list[Concept], lora_of: list[Concept], known_ok
             if patches:
                 new.add_patches(patches, c.strength_text)
         else:
-            import comfy.sd
-
-            tensors = {
-                k: v for k, v in c.adapter.tensors.items() if k.startswith(TEXT_ENCODER_PREFIXES) or ".text_model." in k
-            }
-            if tensors:
-                _, new = comfy.sd.load_lora_for_models(None, new, tensors, 0.0, c.strength_text)
+            try:
+                fitted = lora_patches(c.adapter.tensors, c.source, clip=new)
+            except LoRAFitError as e:
+                raise RegionalPlanError(str(e)) from None
+            if fitted.text:
+                new.add_patches(fitted.text, c.strength_text)
     return new
 
 

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..concept_stack.lora_fit import LoRAFitError, lora_patches
 from ..concept_stack.stack import Concept
 from .lowrank import LowRankFactors
-
-TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1", "te2", "lora_te1", "lora_te2", "clip_")
 
 
 class ScopedLoRAError(ValueError):
@@ -30,7 +29,7 @@ class ResolvedConcept:
     """One concept's UNet adapter on one model: ``factors[module path] -> LowRankFactors``.
 
     Module paths are relative to the diffusion model (``input_blocks.1.1.transformer_blocks.0.attn2.to_k``).
-    ``ignored_text_keys``: how many text-encoder entries the file also has (not applied to the UNet).
+    ``ignored_text_keys``: how many text-encoder layers the file also has (not applied to the UNet).
     """
 
     concept: Concept
@@ -89,19 +88,17 @@ def _edlora_factors(model_patcher, concept: Concept) -> dict[str, LowRankFactors
 
 
 def _lora_factors(model_patcher, concept: Concept) -> tuple[dict[str, LowRankFactors], int]:
-    import comfy.lora
     import comfy.weight_adapter as weight_adapter
 
-    tensors = concept.adapter.tensors
-    key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
-    patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    try:
+        fitted = lora_patches(concept.adapter.tensors, concept.source, model_patcher)
+    except LoRAFitError as e:
+        raise ScopedLoRAError(str(e)) from None
     state = model_patcher.model.state_dict()
-    used: set[str] = set()
     out: dict[str, LowRankFactors] = {}
     refused: dict[str, list[str]] = {}
-    for weight_key, patch in patches.items():
+    for weight_key, patch in fitted.unet.items():
         if isinstance(patch, weight_adapter.LoRAAdapter):
-            used.update(patch.loaded_keys)
             up, down, alpha, mid, dora_scale, reshape = patch.weights
             if dora_scale is not None:
                 refused.setdefault("DoRA (weight-decomposed LoRA)", []).append(weight_key)
@@ -121,7 +118,6 @@ def _lora_factors(model_patcher, concept: Concept) -> tuple[dict[str, LowRankFac
             out[_module_path(weight_key)] = factors
         else:
             kind = getattr(patch, "name", None) or (patch[0] if isinstance(patch, tuple) else type(patch).__name__)
-            used.update(getattr(patch, "loaded_keys", ()))
             refused.setdefault(str(kind), []).append(weight_key)
     if refused:
         kinds = ", ".join(f"{k} ({len(v)} layer(s), e.g. {_module_path_or_key(v[0])})" for k, v in refused.items())
@@ -129,24 +125,9 @@ def _lora_factors(model_patcher, concept: Concept) -> tuple[dict[str, LowRankFac
             f"{concept.source} contains adapter types that cannot act inside a region: {kinds}. Only plain LoRA "
             "and LoCon (low-rank up/down, optional mid) can be scoped; use an ordinary LoRA node for this file."
         )
-    alphas = {k for k in tensors if k.endswith(".alpha")}
-    leftover = [k for k in tensors if k not in used and k not in alphas]
-    text_keys = [k for k in leftover if k.startswith(TEXT_ENCODER_PREFIXES) or ".text_model." in k]
-    unknown = [k for k in leftover if k not in text_keys and not _is_alpha_of_text(k)]
-    if unknown:
-        sample = ", ".join(sorted(unknown)[:3])
-        raise ScopedLoRAError(
-            f"{concept.source}: {len(unknown)} LoRA entr{'y' if len(unknown) == 1 else 'ies'} did not fit any layer of "
-            f"this model (e.g. {sample}): the LoRA was made for another model architecture. Use a LoRA trained for "
-            "this checkpoint's family."
-        )
-    if not out and not text_keys:
+    if not out and not fitted.text_layers:
         raise ScopedLoRAError(f"{concept.source} has no LoRA weights for this model")
-    return out, len(text_keys)
-
-
-def _is_alpha_of_text(key: str) -> bool:
-    return key.endswith(".alpha") and key.startswith(TEXT_ENCODER_PREFIXES)
+    return out, fitted.text_layers
 
 
 def _module_path_or_key(key: str) -> str:

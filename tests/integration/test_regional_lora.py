@@ -188,7 +188,7 @@ def test_plain_prompts_before_and_after_are_bit_identical_in_one_persistent_exec
     "name, words",
     [
         ("rl_wrong_shape.safetensors", ["attn2.to_k", "another model architecture"]),
-        ("rl_unknown_layer.safetensors", ["did not fit any layer", "down_blocks_7"]),
+        ("rl_unknown_layer.safetensors", ["matches no layer of this SD1.5 MODEL", "down_blocks_7"]),
         ("rl_loha.safetensors", ["loha", "cannot act inside a region"]),
         ("rl_dora.safetensors", ["DoRA"]),
         ("rl_time.safetensors", ["time_embed.0", "acts on the whole image"]),

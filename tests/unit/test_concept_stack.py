@@ -113,6 +113,16 @@ def test_lora_files_are_checked_when_read(tmp_path):
     torch.save({"w": [1, 2, 3]}, tmp_path / "list.pt")
     with pytest.raises(CheckpointFileError, match="not a tensor"):
         read_lora_file(str(tmp_path / "list.pt"))
+    # integer weights (issue 26: they used to be accepted); an integer alpha is a setting, kohya may write one
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 3, dtype=torch.int32)}, tmp_path / "int.safetensors")
+    with pytest.raises(CheckpointFileError, match="'lora_unet_x.lora_down.weight' holds int32 values, not float"):
+        read_lora_file(str(tmp_path / "int.safetensors"))
+    save_file({"lora_unet_x.lora_up.weight": torch.ones(3, 2, dtype=torch.bool)}, tmp_path / "bool.safetensors")
+    with pytest.raises(CheckpointFileError, match="holds bool values"):
+        read_lora_file(str(tmp_path / "bool.safetensors"))
+    int_alpha = {"lora_unet_x.lora_down.weight": torch.ones(2, 3), "lora_unet_x.alpha": torch.tensor(2)}
+    save_file(int_alpha, tmp_path / "int_alpha.safetensors")
+    assert read_lora_file(str(tmp_path / "int_alpha.safetensors")).tensors["lora_unet_x.alpha"].item() == 2
 
 
 def test_files_are_parsed_once_per_version(tmp_path):

@@ -96,3 +96,31 @@ def transformer_linears(patcher) -> list[str]:
         if ".transformer_blocks." in name and isinstance(module, torch.nn.Linear):
             out.append(name)
     return out
+
+
+# Layers of real LoRA files made for other families, under the kohya names sd-scripts writes and at those
+# families' real shapes ``(out, in)``: SDXL's kohya names follow ComfyUI's module paths (input_blocks_4_1_...),
+# its cross-attention reads 2048-wide text, it has a second text encoder (te2); Flux's blocks are DiT blocks.
+SDXL_STYLE_LAYERS = {
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (640, 640),
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (640, 2048),
+    "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q": (640, 640),
+    "lora_unet_middle_block_1_transformer_blocks_9_ff_net_2": (1280, 5120),
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (768, 768),
+    "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (1280, 1280),
+}
+FLUX_STYLE_LAYERS = {
+    "lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072),
+    "lora_unet_single_blocks_0_linear1": (21504, 3072),
+}
+
+
+def family_style_lora(layers: dict[str, tuple[int, int]], rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A kohya-named LoRA with small seeded factors for ``layers`` (name -> (out, in)), e.g. SDXL_STYLE_LAYERS."""
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for prefix, (out_f, in_f) in layers.items():
+        sd[f"{prefix}.lora_down.weight"] = torch.randn(rank, in_f, generator=gen) * 0.01
+        sd[f"{prefix}.lora_up.weight"] = torch.randn(out_f, rank, generator=gen) * 0.01
+        sd[f"{prefix}.alpha"] = torch.tensor(float(rank))
+    return sd
