@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .fused import FORMAT_NAME as FUSED_FORMAT
-from .weights import CheckpointFileError, check_weight_tensor, read_tensor_file
+from .weights import CheckpointFileError, OutputExistsError, check_weight_tensor, read_tensor_file, write_safetensors
 
 FORMAT_NAME = "multiconcept.edlora"
 FORMAT_VERSION = "1"
@@ -331,16 +331,13 @@ def to_safetensors_dict(weights: EDLoRAWeights) -> tuple[dict[str, torch.Tensor]
 
 def write_edlora_safetensors(weights: EDLoRAWeights, path: str | os.PathLike, overwrite: bool = False) -> str:
     """Write ``weights`` to ``path`` in our layout. Never replaces an existing file unless asked."""
-    from safetensors.torch import save_file
-
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise EDLoRAFileError(f"{path} already exists; choose another name (existing files are never overwritten)")
     tensors, metadata = to_safetensors_dict(weights)
-    tmp = path + ".partial"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)  # a crash mid-write never leaves a half file under the real name
-    return path
+    try:  # whole or not at all, never through a link planted at the name
+        return write_safetensors(path, tensors, metadata, overwrite=overwrite)
+    except OutputExistsError:
+        raise EDLoRAFileError(
+            f"{os.fspath(path)} already exists; choose another name (existing files are never overwritten)"
+        ) from None
 
 
 def default_safetensors_name(source_path: str | os.PathLike) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .weights import CheckpointFileError, check_weight_tensor, read_tensor_file
+from .weights import CheckpointFileError, OutputExistsError, check_weight_tensor, read_tensor_file, write_safetensors
 
 FORMAT_NAME = "multiconcept.fused"
 FORMAT_VERSION = "1"
@@ -95,20 +95,11 @@ def to_safetensors_dict(fused: FusedConcepts) -> tuple[dict[str, torch.Tensor], 
 
 def write_fused(fused: FusedConcepts, path: str | os.PathLike) -> str:
     """Write ``fused`` to ``path`` (never over an existing file; complete or not at all)."""
-    from safetensors.torch import save_file
-
-    path = os.fspath(path)
-    if os.path.exists(path):
-        raise FusedFileError(f"{path} already exists; existing files are never overwritten")
     tensors, metadata = to_safetensors_dict(fused)
-    tmp = path + ".partial"
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    try:  # whole or not at all, never through a link planted at the name
+        return write_safetensors(path, tensors, metadata)
+    except OutputExistsError:
+        raise FusedFileError(f"{os.fspath(path)} already exists; existing files are never overwritten") from None
 
 
 def is_fused_metadata(metadata: dict | None) -> bool:

@@ -154,3 +154,37 @@ def first_nonfinite(tensors: dict, limit: float = MAX_ABS_WEIGHT) -> str | None:
             if not torch.isfinite(t).all() or float(t.detach().abs().max()) > limit:
                 return str(key)
     return None
+
+
+class OutputExistsError(FileExistsError):
+    """The target name is taken (by a file, a folder or a link, dangling or not); nothing was written."""
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str], overwrite: bool = False) -> str:
+    """Write a safetensors file whole or not at all, never through a link, never over what exists unless asked.
+
+    The bytes go to a new temporary file in the target's folder, created exclusively under a random name
+    (``tempfile.mkstemp``: a link planted there, at ``<name>.partial`` or any other name, is never opened),
+    which is then renamed over ``path``: a rename replaces a link at ``path`` itself and never writes where it
+    points. Without ``overwrite`` any entry at ``path``, a link included, is refused with OutputExistsError.
+    A failure or an interruption leaves no temporary file behind.
+    """
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    if not overwrite and os.path.lexists(path):
+        raise OutputExistsError(f"{path} already exists; existing files are never overwritten")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        if not overwrite and os.path.lexists(path):  # taken while we wrote
+            raise OutputExistsError(f"{path} already exists; existing files are never overwritten")
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+    return path

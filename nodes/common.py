@@ -59,7 +59,7 @@ def loras_dir() -> str:
 def free_path(folder: str, stem: str, suffix: str, keep: str | None = None) -> str:
     """``folder/stem+suffix``, or ``stem_2``, ``stem_3``... — never a file that exists (unless it is ``keep``)."""
     candidate, n = os.path.join(folder, stem + suffix), 2
-    while os.path.exists(candidate) and os.path.abspath(candidate) != (os.path.abspath(keep) if keep else None):
+    while os.path.lexists(candidate) and os.path.abspath(candidate) != (os.path.abspath(keep) if keep else None):
         candidate = os.path.join(folder, f"{stem}_{n}{suffix}")
         n += 1
     return candidate

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from ..formats.weights import write_safetensors
+
 STATE_FORMAT = "multiconcept.edlora_training_state"
 STATE_SUFFIX = ".state.safetensors"
 
@@ -23,9 +25,8 @@ class StateError(ValueError):
 
 def save_state(path: str, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, step: int,
                identity: dict, settings: dict, losses: list[float]) -> str:  # fmt: skip
-    """Write the state atomically (``.partial`` then rename). ``identity`` must match on resume."""
-    from safetensors.torch import save_file
-
+    """Write the state atomically (a temporary file, then a rename; never through a link). ``identity`` must
+    match on resume."""
     tensors = {f"param.{k}": v.detach().float().cpu().contiguous() for k, v in params.items()}
     opt = optimizer.state_dict()
     for idx, slots in opt["state"].items():
@@ -42,10 +43,7 @@ def save_state(path: str, params: dict[str, torch.Tensor], optimizer: torch.opti
         "losses": json.dumps([float(x) for x in losses]),
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".partial"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(path, tensors, metadata, overwrite=True)  # the state is replaced at every save
 
 
 def load_state(path: str, identity: dict) -> dict:
