@@ -200,7 +200,8 @@ def _guider(node, model, clip, concepts, scene_prompt, negative, cfg, regions, m
     stack = concepts
     m = _masks(node, stack, regions, masks, width, height)
     prompts = parse_prompts(concept_prompts, stack, scene_prompt, regions)
-    guider = build_guider(node, model, clip, stack, scene_prompt, negative, cfg, m, settings, prompts, reference_latent)
+    guider = build_guider(node, model, clip, stack, scene_prompt, negative, cfg, m, settings, prompts, reference_latent,
+                          size=(int(width), int(height)))  # fmt: skip
     return guider, m
 
 

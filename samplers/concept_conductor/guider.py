@@ -379,10 +379,12 @@ def _guider_base():
 class ConductorGuider(_guider_base()):
     """CFG on the base branch, with the concept branches batched beside it (module docstring)."""
 
-    def __init__(self, model_patcher, state: ConductorState, reference_latent: torch.Tensor | None = None):
+    def __init__(self, model_patcher, state: ConductorState, reference_latent: torch.Tensor | None = None,
+                 size: tuple[int, int] | None = None):  # fmt: skip
         super().__init__(model_patcher)
         self.state = state
         self.reference_latent = reference_latent  # [1|B, C, h, w] in the latent space (VAE Encode's output)
+        self.size = None if size is None else (int(size[0]), int(size[1]))  # (width, height) px it was built for
         self.n_concepts = 0
         self.reference_out: torch.Tensor | None = None  # the reference's latent where its run stopped
         self.steps_aligned = 0
@@ -433,6 +435,13 @@ class ConductorGuider(_guider_base()):
                     f"{node}: the latent carries a noise mask (inpainting); the alignment's latent steps cannot follow "
                     "it. Remove the mask, or set alignment_weight to 0."
                 )
+        if self.size is not None and (self.size[1] // 8, self.size[0] // 8) != tuple(noise.shape[-2:]):
+            w, h = self.size
+            raise ConductorError(
+                f"{node}: it was built for a {w}x{h} image (its width and height), but the latent being sampled is "
+                f"{noise.shape[-1] * 8}x{noise.shape[-2] * 8}. Set the Guider's width and height to the latent's "
+                f"size, or sample a {w}x{h} latent (Empty Latent Image)."
+            )
         ref = self.reference_latent
         if ref is not None and tuple(ref.shape[-2:]) != tuple(noise.shape[-2:]):
             raise ConductorError(

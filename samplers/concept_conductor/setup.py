@@ -95,8 +95,12 @@ def tag_rows(conditioning: list, i: int) -> list:
 
 def build_guider(node: str, model, clip, stack: ConceptStack, scene_prompt: str, negative: str, cfg: float,
                  masks: torch.Tensor, settings: ConductorSettings, prompts: list[str] | None = None,
-                 reference_latent: torch.Tensor | None = None) -> ConductorGuider:  # fmt: skip
-    """The guider: base branch on ``scene_prompt``, one branch per concept (``prompts`` or ``branch_prompt``)."""
+                 reference_latent: torch.Tensor | None = None,
+                 size: tuple[int, int] | None = None) -> ConductorGuider:  # fmt: skip
+    """The guider: base branch on ``scene_prompt``, one branch per concept (``prompts`` or ``branch_prompt``).
+
+    ``size``: ``(width, height)`` in pixels of the image it is built for; sampling another size is refused.
+    """
     from ..edlora.clip import LAYERWISE_KEY
     from ..edlora.model import add_layerwise_routing, check_compatible
     from ..mixofshow.encoding import concept_clip, encode
@@ -119,7 +123,7 @@ def build_guider(node: str, model, clip, stack: ConceptStack, scene_prompt: str,
         add_layerwise_routing(clone)
     state = ConductorState(conductor_layers(clone.model.diffusion_model), masks, settings, node)
     install_conductor(clone, state)
-    guider = ConductorGuider(clone, state, reference_latent)
+    guider = ConductorGuider(clone, state, reference_latent, size)
     guider.set_cfg(cfg)
     guider.set_conductor_conds(encode(clip, scene_prompt), encode(clip, negative or ""), branch_conds)
     guider.prompts = prompts

@@ -411,8 +411,14 @@ def test_the_nodes_refuse_bad_input_naming_themselves(comfy, base):
             base[0], base[1], 5.0, W, H, stack, SCENE, "", regions=regions_of(comfy, TWO_BOXES), **window
         )
     # with shape_masks off the window is unused, so it is not an error
-    guider_node.execute(base[0], base[1], 5.0, W, H, stack, SCENE, "", regions=regions_of(comfy, TWO_BOXES),
-                        shape_masks=False, **window)  # fmt: skip
+    guider = guider_node.execute(base[0], base[1], 5.0, W, H, stack, SCENE, "", regions=regions_of(comfy, TWO_BOXES),
+                                 shape_masks=False, **window).result[0]  # fmt: skip
+    # a guider built for one size and sampled at another (in SamplerCustomAdvanced): refused before any step,
+    # naming the node, whatever the aspect ratio
+    for h, w in ((H * 2, W * 2), (H, W + 32)):
+        with pytest.raises(ValueError, match=f"^Concept Conductor Guider: it was built for a {W}x{H} image .*is "
+                           f"{w}x{h}. Set the Guider's width and height"):  # fmt: skip
+            sample(guider, h=h, w=w, steps=1)
 
 
 def test_a_call_split_for_low_memory_gives_the_same_picture(comfy, base, cc, monkeypatch):
