@@ -40,6 +40,10 @@ from .regions import RegionsType
 log = logging.getLogger("multiconcept")
 
 ADAPTER_MODES = ("scoped", "merged", "already applied")
+# What a box with an empty negative prompt reads on the negative side. Official Mix-of-Show encodes the box's
+# negative as written, "" when empty (TencentARC/Mix-of-Show, mixofshow/pipelines/
+# pipeline_regionally_t2iadapter.py:286-295; LoRA-Composer's region sampler does the same).
+EMPTY_BOX_NEGATIVES = ("empty, as the official code", "the global negative")
 _ATTN2_KV = re.compile(r"\.attn2\.to_[kv]$")
 
 
@@ -89,7 +93,8 @@ class MixOfShowRegional(io.ComfyNode):
                     "label. Draw them at the size you sample.",
                     "The whole scene, e.g. 'a man and a dog sitting on a sofa, living room'. Class words are "
                     "safest; concept words are allowed. It governs everything outside the boxes.",
-                    "Negative prompt for the whole image, and for boxes whose own negative is empty.",
+                    "Negative prompt for the whole image (outside the boxes). A box reads its own negative; "
+                    "for boxes whose negative is empty see empty_box_negative.",
                 ),
                 *regional_concept_inputs(
                     "Optional: the concepts (ED-LoRAs, LoRAs) from the Concept Stack nodes. A concept goes "
@@ -105,6 +110,16 @@ class MixOfShowRegional(io.ComfyNode):
                     optional=True,
                     tooltip="Optional weights where boxes overlap: numbers in box order ('1, 1.5') or by label "
                     "('cat=1.5, dog=1'). Empty: overlaps are plain averages.",
+                ),
+                io.Combo.Input(
+                    "empty_box_negative",
+                    options=list(EMPTY_BOX_NEGATIVES),
+                    default=EMPTY_BOX_NEGATIVES[0],
+                    optional=True,
+                    tooltip="What a box whose negative prompt is empty reads on the negative side. Official "
+                    "Mix-of-Show encodes it as the empty prompt (with the box's concept); 'the global negative' "
+                    "gives such boxes the global negative, as the official example scripts do by writing it into "
+                    "every box.",
                 ),
             ],
             outputs=[
@@ -131,9 +146,10 @@ class MixOfShowRegional(io.ComfyNode):
         concepts=None,
         adapters="scoped",
         region_weights="",
+        empty_box_negative=EMPTY_BOX_NEGATIVES[0],
     ) -> io.NodeOutput:
         built = build_regional(cls.NAME, model, clip, regions, global_prompt, global_negative, concepts, adapters,
-                               region_weights)  # fmt: skip
+                               region_weights, empty_box_negative)  # fmt: skip
         return io.NodeOutput(built.model, built.positive, built.negative, built.preview)
 
 
@@ -153,11 +169,15 @@ class RegionalBuild:
 
 
 def build_regional(node, model, clip, regions, global_prompt, global_negative, concepts=None, adapters="scoped",
-                   region_weights="") -> RegionalBuild:  # fmt: skip
+                   region_weights="", empty_box_negative=EMPTY_BOX_NEGATIVES[0]) -> RegionalBuild:  # fmt: skip
     """Mix-of-Show regional sampling on a clone of ``model``: adapters, encodings, the regional attention."""
     stack = concepts if concepts is not None else ConceptStack()
     if adapters not in ADAPTER_MODES:
         raise NodeError(node, f"adapters is {adapters!r}; choose one of {', '.join(ADAPTER_MODES)}.")
+    if empty_box_negative not in EMPTY_BOX_NEGATIVES:
+        raise NodeError(
+            node, f"empty_box_negative is {empty_box_negative!r}; choose one of {', '.join(EMPTY_BOX_NEGATIVES)}."
+        )
     try:
         weights = parse_region_weights(region_weights, regions)
         plans = plan_regions(stack, regions, global_prompt, global_negative, weights)
@@ -171,7 +191,7 @@ def build_regional(node, model, clip, regions, global_prompt, global_negative, c
                 check_compatible(model, clip, concept.adapter, concept.source)
         kv_factors = _apply_unet_adapters(node, clone, stack, plans, masks, adapters)
         pos_side, neg_side, positive, negative, region_clips = _encode_all(
-            clip, stack, plans, global_prompt, global_negative, adapters
+            clip, stack, plans, global_prompt, global_negative, adapters, empty_box_negative == EMPTY_BOX_NEGATIVES[1]
         )
         install_regional_attention(clone, node)
     except (RegionalPlanError, RegionalSamplingError, ScopedLoRAError, EDLoRAApplyError, LoRAFitError) as e:
@@ -244,8 +264,11 @@ def _apply_unet_adapters(node, clone, stack, plans, masks, mode) -> tuple[dict, 
     return tuple(kv_factors)
 
 
-def _encode_all(clip, stack, plans, global_prompt, global_negative, mode):
-    """Encode the global prompts and every box's prompts; each box with only its own concepts."""
+def _encode_all(clip, stack, plans, global_prompt, global_negative, mode, global_for_empty=False):
+    """Encode the global prompts and every box's prompts; each box with only its own concepts.
+
+    ``global_for_empty``: a box with an empty negative reads the global negative (else "" with its concepts).
+    """
     known_ok = mode == "already applied"
     everything = [c for c in stack if c.kind == "edlora"]
     named = [stack[i] for i in concepts_in(global_prompt, stack)]
@@ -263,9 +286,10 @@ def _encode_all(clip, stack, plans, global_prompt, global_negative, mode):
         region_clip = clips[plan.concepts]
         region_clips.append(region_clip)
         pos_side.append(layer_contexts(encode(region_clip, plan.prompt)))
-        neg_side.append(
-            layer_contexts(encode(region_clip, plan.negative)) if plan.negative.strip() else negative_layers
-        )
+        if global_for_empty and not plan.negative.strip():
+            neg_side.append(negative_layers)
+        else:
+            neg_side.append(layer_contexts(encode(region_clip, plan.negative)))
     return tuple(pos_side), tuple(neg_side), positive, negative, region_clips
 
 

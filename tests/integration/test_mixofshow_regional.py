@@ -177,8 +177,15 @@ def test_each_region_reads_its_own_concepts_layer_embedding_and_text_lora(comfy,
     cat_neg = _expected_layers(comfy, clip, "mos_cat.pth", "lowres")  # no concept words: one layer
     assert torch.equal(pos_side.contexts[0], cat) and torch.equal(pos_side.contexts[1], dog)
     assert torch.equal(neg_side.contexts[0], cat_neg)
-    # the right box has no negative of its own: the global negative
-    assert torch.equal(neg_side.contexts[1][:, 0], neg[0][0])
+    # the right box has no negative of its own: "" with its concept, as official Mix-of-Show encodes it
+    # (mixofshow/pipelines/pipeline_regionally_t2iadapter.py:286-295), not the global negative
+    dog_neg = _expected_layers(comfy, clip, "mos_dog.pth", "")
+    assert torch.equal(neg_side.contexts[1], dog_neg) and not torch.allclose(dog_neg[:, 0], neg[0][0], atol=1e-3)
+    # ...or, chosen, the global negative
+    _, _, neg_global, _ = regional(comfy, model, clip, [left, right], concepts=stack,
+                                   empty_box_negative="the global negative")  # fmt: skip
+    global_side = neg_global[0][1][key]
+    assert torch.equal(global_side.contexts[1][:, 0], neg[0][0]) and torch.equal(global_side.contexts[0], cat_neg)
     # the cat's text-encoder LoRA never touches the dog's prompt: with it, the dog's encoding would differ
     both_te = stack_of(comfy, ("mos_cat.pth", "dog"), ("mos_dog.pth", "dog"))
     _, pos_both, _, _ = regional(comfy, model, clip, [dict(RIGHT, prompt=right["prompt"])], concepts=both_te)
@@ -206,7 +213,7 @@ def test_each_region_reads_its_own_concepts_layer_embedding_and_text_lora(comfy,
             h.remove()
     assert torch.isfinite(x0).all() and x0.std() > 0.05
     for i, got in seen.items():
-        expected = [cat[:, i], dog[:, i], neg_side.contexts[0][:, 0], neg[0][0]]
+        expected = [cat[:, i], dog[:, i], neg_side.contexts[0][:, 0], neg_side.contexts[1][:, 0]]
         assert len(got) == 4, (i, len(got))  # once per run (cached across steps), one per region and side
         for e in expected:
             assert any(torch.equal(g, e.to(g.dtype)) for g in got), f"layer {i} did not read its own encoding"
