@@ -7,15 +7,17 @@ for SamplerCustomAdvanced graphs."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from comfy_api.latest import io
 
 from ..samplers.concept_conductor.guider import ConductorError
-from ..samplers.concept_conductor.settings import ConductorSettings
+from ..samplers.concept_conductor.settings import ConductorSettings, for_family
 from ..samplers.concept_conductor.setup import build_guider, check_masks, mask_preview, parse_prompts
 from ..samplers.concept_stack.placement import concept_masks
 from ..samplers.concept_stack.stack import ConceptStackError
-from ..samplers.edlora.model import EDLoRAApplyError
+from ..samplers.edlora.model import EDLoRAApplyError, model_family
 from ..samplers.mixofshow.plan import RegionalPlanError
 from ..samplers.scoped_lora.adapters import ScopedLoRAError
 from .common import CATEGORY_METHODS, ConceptStackType, NodeError, checked_inputs
@@ -33,7 +35,9 @@ from .regions import RegionsType
 from .sampling import check_sampler_names, latent_output, sample_guider
 
 _ERRORS = (ConductorError, ScopedLoRAError, EDLoRAApplyError, RegionalPlanError, ConceptStackError)
+log = logging.getLogger("multiconcept")
 _D = ConductorSettings()
+SETTINGS_FOR = ("the model's family (official)", "as set here")
 
 
 def _inputs_model() -> list:
@@ -96,7 +100,7 @@ def _inputs_settings() -> list:
             step=0.5,
             optional=True,
             tooltip="Layout alignment: the step size pulling every branch's self-attention keys toward the "
-            "reference's (official: 10 on SD1.5, 30 on SDXL). 0 = no alignment (no reference run either).",
+            "reference's (official: 10 on SD1.5, 40 on SDXL). 0 = no alignment (no reference run either).",
         ),
         schedule_share_input(
             "alignment_end",
@@ -109,7 +113,7 @@ def _inputs_settings() -> list:
             min=1,
             max=100,
             optional=True,
-            tooltip="Align every n-th step of that stretch (official: 1 on SD1.5, 5 of 200 steps on SDXL).",
+            tooltip="Align every n-th step of that stretch (official: 1, every step, on SD1.5 and SDXL).",
         ),
         io.Boolean.Input(
             "shape_masks",
@@ -121,7 +125,8 @@ def _inputs_settings() -> list:
         schedule_share_input(
             "refine_start",
             _D.refine_start,
-            "Shape-aware masks: first refinement, as a share of the steps (official: 50 of 200 = 0.25).",
+            "Shape-aware masks: first refinement, as a share of the steps (official: 50 of 200 = 0.25 on SD1.5, 60 of "
+            "200 = 0.3 on SDXL).",
         ),
         schedule_share_input(
             "refine_end",
@@ -144,8 +149,18 @@ def _inputs_settings() -> list:
             step=0.05,
             optional=True,
             tooltip="A cluster replaces a concept's mask only if it overlaps the old mask this much (IoU); otherwise "
-            "the old mask's bounding box is kept.",
+            "the old mask's bounding box is kept (official: 0 on SD1.5, 0.7 on SDXL).",
         ),  # fmt: skip
+        io.Combo.Input(
+            "settings_for",
+            options=list(SETTINGS_FOR),
+            default=SETTINGS_FOR[0],
+            optional=True,
+            tooltip="The model's family (official): on SDXL, every setting above left at its default (the official "
+            "SD1.5 value) takes the official SDXL value instead (alignment weight 40, end 0.25, every step; "
+            "refinement 0.3..0.4, overlap threshold 0.7, 25 k-means restarts); a setting you changed keeps your value. "
+            "As set here: the values above, whatever the model.",
+        ),
     ]
 
 
@@ -163,8 +178,26 @@ def _conductor_outputs(first, masks_tooltip: str, preview_tooltip: str) -> list:
     ]
 
 
-def _settings(node: str, alignment_weight, alignment_end, alignment_every, shape_masks, refine_start, refine_end,
-              kmeans_restarts, overlap_threshold) -> ConductorSettings:  # fmt: skip
+def _settings(node: str, model, alignment_weight, alignment_end, alignment_every, shape_masks, refine_start,
+              refine_end, kmeans_restarts, overlap_threshold, settings_for=SETTINGS_FOR[0]) -> ConductorSettings:  # fmt: skip
+    if settings_for not in SETTINGS_FOR:
+        raise NodeError(node, f"settings_for is {settings_for!r}; choose one of {', '.join(SETTINGS_FOR)}.")
+    if settings_for == SETTINGS_FOR[0]:
+        given = ConductorSettings(alignment_weight=float(alignment_weight), alignment_end=float(alignment_end),
+                                  alignment_every=int(alignment_every), refine_start=float(refine_start),
+                                  refine_end=float(refine_end), kmeans_restarts=int(kmeans_restarts),
+                                  overlap_threshold=float(overlap_threshold))  # fmt: skip
+        family = model_family(model)
+        official, changed = for_family(given, family)
+        if changed:
+            log.info("[multi-concept] %s: official %s settings for %s", node, family, ", ".join(changed))
+            alignment_weight, alignment_end = official.alignment_weight, official.alignment_end
+            alignment_every, refine_start, refine_end = (
+                official.alignment_every,
+                official.refine_start,
+                official.refine_end,
+            )
+            kmeans_restarts, overlap_threshold = official.kmeans_restarts, official.overlap_threshold
     if shape_masks and float(refine_start) > float(refine_end):
         raise NodeError(node, f"refine_start ({float(refine_start):g}) is after refine_end ({float(refine_end):g}), so "
                         "the masks would never be refined. Make refine_start at most refine_end (the official "
@@ -258,15 +291,15 @@ class ConceptConductor(io.ComfyNode):
                 alignment_weight=_D.alignment_weight, alignment_end=_D.alignment_end,
                 alignment_every=_D.alignment_every, shape_masks=_D.shape_masks, refine_start=_D.refine_start,
                 refine_end=_D.refine_end, kmeans_restarts=_D.kmeans_restarts,
-                overlap_threshold=_D.overlap_threshold) -> io.NodeOutput:  # fmt: skip
+                overlap_threshold=_D.overlap_threshold, settings_for=SETTINGS_FOR[0]) -> io.NodeOutput:  # fmt: skip
         import comfy.samplers
         import comfy.utils
 
         check_sampler_names(cls.NAME, sampler_name, scheduler)
         samples = latent_image["samples"]
         height, width = int(samples.shape[-2]) * 8, int(samples.shape[-1]) * 8
-        settings = _settings(cls.NAME, alignment_weight, alignment_end, alignment_every, shape_masks, refine_start, refine_end,
-                             kmeans_restarts, overlap_threshold)  # fmt: skip
+        settings = _settings(cls.NAME, model, alignment_weight, alignment_end, alignment_every, shape_masks, refine_start,
+                             refine_end, kmeans_restarts, overlap_threshold, settings_for)  # fmt: skip
         try:
             reference = None
             if reference_image is not None:
@@ -338,9 +371,9 @@ class ConceptConductorGuider(io.ComfyNode):
                 concept_prompts="", reference_latent=None, alignment_weight=_D.alignment_weight,
                 alignment_end=_D.alignment_end, alignment_every=_D.alignment_every, shape_masks=_D.shape_masks,
                 refine_start=_D.refine_start, refine_end=_D.refine_end, kmeans_restarts=_D.kmeans_restarts,
-                overlap_threshold=_D.overlap_threshold) -> io.NodeOutput:  # fmt: skip
-        settings = _settings(cls.NAME, alignment_weight, alignment_end, alignment_every, shape_masks, refine_start, refine_end,
-                             kmeans_restarts, overlap_threshold)  # fmt: skip
+                overlap_threshold=_D.overlap_threshold, settings_for=SETTINGS_FOR[0]) -> io.NodeOutput:  # fmt: skip
+        settings = _settings(cls.NAME, model, alignment_weight, alignment_end, alignment_every, shape_masks, refine_start,
+                             refine_end, kmeans_restarts, overlap_threshold, settings_for)  # fmt: skip
         reference = None if reference_latent is None else reference_latent["samples"]
         try:
             guider, m = _guider(cls.NAME, model, clip, concepts, scene_prompt, negative, cfg, regions, masks,

@@ -1,0 +1,90 @@
+"""Every default the pack takes from a method's official code, pinned here with the file and line it comes from
+(issue 26). A researcher compares our defaults with the official code line by line: a change to one of these
+must change this file, and its help page, on purpose.
+
+Official sources (commits as read): TencentARC/Mix-of-Show @51270fd, Nihukat/Concept-Conductor @44c6693.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+def widget_default(comfy, node_id: str, name: str):
+    """The default of a node's widget as ComfyUI serves it (/object_info)."""
+    info = comfy.node_class(node_id).INPUT_TYPES()
+    for section in ("required", "optional"):
+        if name in info.get(section, {}):
+            spec = info[section][name]
+            return spec[1].get("default") if len(spec) > 1 else None
+    raise KeyError(f"{node_id} has no input {name}")
+
+
+# ------------------------------------------------------------------------------------- Concept Conductor
+
+CC_NODES = ("MultiConceptConceptConductor", "MultiConceptConceptConductorGuider")
+# configs/sample_config.yaml (SD1.5); step numbers are of num_inference_steps = 200 (line 41)
+CC_SD15 = {
+    "alignment_weight": 10.0,  # attn_guidance_weight, line 50
+    "alignment_end": 60 / 200,  # attn_guidance_end, line 48
+    "alignment_every": 1,  # attn_guidance_interval, line 49
+    "refine_start": 50 / 200,  # mask_refinement_start, line 64
+    "refine_end": 80 / 200,  # mask_refinement_end, line 65
+    "overlap_threshold": 0.0,  # mask_overlap_threshold, line 67
+    "kmeans_restarts": 100,  # num_kmeans_init, line 68
+}
+# configs/sample_sdxl_config.yaml (SDXL), num_inference_steps = 200 (line 39)
+CC_SDXL = {
+    "alignment_weight": 40.0,  # attn_guidance_weight, line 48
+    "alignment_end": 50 / 200,  # attn_guidance_end, line 46
+    "alignment_every": 1,  # attn_guidance_interval, line 47
+    "refine_start": 60 / 200,  # mask_refinement_start, line 62
+    "refine_end": 80 / 200,  # mask_refinement_end, line 63
+    "overlap_threshold": 0.7,  # mask_overlap_threshold, line 65
+    "kmeans_restarts": 25,  # num_kmeans_init, line 66
+}
+
+
+@pytest.mark.parametrize("node_id", CC_NODES)
+def test_concept_conductor_widgets_default_to_the_official_sd15_config(comfy, node_id):
+    settings = comfy.pack_module("samplers.concept_conductor.settings")
+    for name, official in CC_SD15.items():
+        assert widget_default(comfy, node_id, name) == pytest.approx(official), name
+        assert getattr(settings.ConductorSettings(), name) == pytest.approx(official), name
+        assert getattr(settings.OFFICIAL["sdxl"], name) == pytest.approx(CC_SDXL[name]), name
+    assert widget_default(comfy, node_id, "cfg") == 7.5  # guidance_scale, sample_config.yaml:40
+    assert widget_default(comfy, node_id, "settings_for") == "the model's family (official)"
+
+
+def test_concept_conductor_takes_the_sdxl_config_on_an_sdxl_shaped_unet(comfy, tiny_models):
+    from tests.support.builders.sdxl import build_tiny_sdxl
+
+    node = comfy.pack_module("nodes.concept_conductor")
+    widgets = {name: widget_default(comfy, CC_NODES[1], name) for name in CC_SD15}
+    widgets["shape_masks"] = True
+    sdxl = build_tiny_sdxl(seed=2, all_cross_attention=True)  # SDXL's 70 cross-attention layers, width 2048
+    got = node._settings("Concept Conductor Guider", sdxl, **widgets)
+    assert {name: getattr(got, name) for name in CC_SDXL} == pytest.approx(CC_SDXL)
+    got = node._settings("Concept Conductor Guider", tiny_models[0], **widgets)  # SD1.5 keeps SD1.5's
+    assert {name: getattr(got, name) for name in CC_SD15} == pytest.approx(CC_SD15)
+    # a value the user set is kept; "as set here" keeps them all
+    got = node._settings("Concept Conductor Guider", sdxl, **{**widgets, "alignment_weight": 12.0})
+    assert got.alignment_weight == 12.0 and got.overlap_threshold == 0.7
+    got = node._settings("Concept Conductor Guider", sdxl, **widgets, settings_for="as set here")
+    assert {name: getattr(got, name) for name in CC_SD15} == pytest.approx(CC_SD15)
+
+
+def test_concept_conductor_kmeans_tries_n_plus_1_to_2n_plus_1_clusters(comfy):
+    # attention_processor.py:497-500: num_clusters_min = len(all_token_ids) (N concepts + the base branch),
+    # range(num_clusters_min, 2 * num_clusters_min)
+    counts = comfy.pack_module("samplers.concept_conductor.masks").cluster_counts
+    assert [list(counts(n)) for n in (1, 2, 3)] == [[2, 3], [3, 4, 5], [4, 5, 6, 7]]
+
+
+# ------------------------------------------------------------------------------------------- Mix-of-Show
+
+
+def test_mixofshow_box_negative_empty_is_the_empty_prompt(comfy):
+    # mixofshow/pipelines/pipeline_regionally_t2iadapter.py:286-295: a region's negative is encoded as written,
+    # [''] when None; the global negative never stands in for it
+    assert widget_default(comfy, "MultiConceptMixOfShowRegional", "empty_box_negative") == "empty, as the official code"
