@@ -12,6 +12,7 @@ from ..formats.fused import FusedFileError, read_fused, write_fused
 from ..samplers.edlora.model import EDLoRAApplyError
 from ..samplers.fusion.fuse import (
     DEFAULT_TEMPLATES,
+    FUSION_STRENGTHS,
     SAVE_DTYPES,
     FusionError,
     FusionSettings,
@@ -117,6 +118,11 @@ class FuseConcepts(io.ComfyNode):
                     tooltip="Precision of the saved weight differences (fp16 halves the file; the MODEL output uses "
                     "exactly what is saved).",
                 ),
+                io.Combo.Input(
+                    "strengths", options=list(FUSION_STRENGTHS), default=FUSION_STRENGTHS[0], optional=True,
+                    tooltip="How strongly each concept counts: 1.0 (its full LoRA, as the official Mix-of-Show "
+                    "fusion does), or each concept's strength_unet / strength_text from its Concept Stack node.",
+                ),
             ],
             outputs=_outputs() + [
                 io.Image.Output(display_name="residuals", tooltip="Per-layer relative error of each concept, fused "
@@ -129,7 +135,8 @@ class FuseConcepts(io.ComfyNode):
     @classmethod
     @checked_inputs(FUSE_NAME)
     def execute(cls, model, clip, concepts, solver, save_name, sample_steps, sample_size, record_seed,
-                prompt_templates=DEFAULT_TEMPLATE_TEXT, save_precision="fp16") -> io.NodeOutput:  # fmt: skip
+                prompt_templates=DEFAULT_TEMPLATE_TEXT, save_precision="fp16",
+                strengths=FUSION_STRENGTHS[0]) -> io.NodeOutput:  # fmt: skip
         stem = check_output_name(FUSE_NAME, "save_name", save_name)
         if stem.lower().endswith(FUSED_SUFFIXES):
             stem = os.path.splitext(stem)[0]
@@ -146,7 +153,8 @@ class FuseConcepts(io.ComfyNode):
         if sample_size % 8:
             raise NodeError(FUSE_NAME, f"sample_size {sample_size} is not a multiple of 8.")
         settings = FusionSettings(solver=solver, templates=templates, steps=sample_steps, width=sample_size,
-                                  height=sample_size, seed=record_seed, save_dtype=save_precision)  # fmt: skip
+                                  height=sample_size, seed=record_seed, save_dtype=save_precision,
+                                  strengths=strengths)  # fmt: skip
         bar = NodeProgress(1)
 
         def progress(done, total, text):

@@ -116,7 +116,14 @@ class ConceptTextEncoder(_Delegating):
     CLIP-L + CLIP-G (``{"l": ..., "g": ...}``, each encoded on its own and concatenated to width 2048 per
     token). Every key's sections are expanded into the same variants in the same order, so variant ``v``
     occupies the same token rows in every encoder's output and in their concatenation.
+
+    ``include_reference=False`` (see :func:`layer_variants_only`) encodes the per-layer variants only, not the
+    ordinary (layer-averaged) one; the returned conditioning is then layer 0's.
     """
+
+    def __init__(self, base, vocab: ConceptVocabulary, include_reference: bool = True):
+        super().__init__(base, vocab)
+        self._include_reference = include_reference
 
     def encode_token_weights(self, token_weight_pairs):
         num_layers = self._vocab.num_layers
@@ -136,8 +143,13 @@ class ConceptTextEncoder(_Delegating):
             # Layer 0 first, the ordinary (layer-averaged) conditioning last: ComfyUI returns the pooled
             # output of the first section, and ED-LoRAs are trained and sampled with layer 0's pooled output
             # (it conditions SDXL's whole UNet through the ADM input; SD1.5 does not use it).
-            expanded[key] = variants[n:] + variants[:n]
+            expanded[key] = variants[n:] + (variants[:n] if self._include_reference else [])
         cond, pooled, extra = self._encode_in_chunks(expanded)
+        if not self._include_reference:
+            b, total, width = cond.shape
+            layers = cond.reshape(b, num_layers, total // num_layers, width)
+            extra[LAYERWISE_KEY] = LayerwiseContext(layers=layers.contiguous(), reference=layers[:, 0].contiguous())
+            return layers[:, 0].contiguous(), pooled, extra
         variants = num_layers + 1
         b, total, width = cond.shape
         if total % variants != 0:
@@ -178,6 +190,19 @@ class ConceptTextEncoder(_Delegating):
         if masks and len(masks) == len(conds):
             extra["attention_mask"] = torch.cat(masks, dim=1)
         return (conds[0] if len(conds) == 1 else torch.cat(conds, dim=1)), pooled, extra
+
+
+def layer_variants_only(clip):
+    """A clone of ``clip`` whose concept words are encoded as the per-layer prompt variants only (one per
+    cross-attention layer, as official Mix-of-Show binds a prompt), without the ordinary layer-averaged one.
+    For recording what the text encoder sees (fusion); ``clip`` itself is unchanged."""
+    enc = clip.cond_stage_model
+    if not isinstance(enc, ConceptTextEncoder):
+        return clip
+    new = clip.clone()
+    new.tokenizer = clip.tokenizer
+    new.cond_stage_model = ConceptTextEncoder(enc.base, enc.vocabulary, include_reference=False)
+    return new
 
 
 def concept_vocabulary_of(clip) -> ConceptVocabulary:

@@ -21,14 +21,14 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ...formats.fused import FusedConceptInfo, FusedConcepts
 from ..concept_stack.lora_fit import LoRAFitError, lora_patches
 from ..concept_stack.stack import Concept, ConceptStack
-from ..edlora.clip import LAYERWISE_KEY, concept_vocabulary_of, with_vocabulary
+from ..edlora.clip import LAYERWISE_KEY, concept_vocabulary_of, layer_variants_only, with_vocabulary
 from ..edlora.layerwise import cross_attention_paths
 from ..edlora.model import (
     FAMILIES,
@@ -58,6 +58,12 @@ class FusionError(ValueError):
     """Concepts that cannot be fused; the message names the concept or layer and the fix."""
 
 
+# How strongly each concept's LoRA counts in the fusion. The official fusion merges every concept at full
+# strength: unet_alpha = text_encoder_alpha = 1.0 in TencentARC/Mix-of-Show's fusion configs
+# (datasets/data_cfgs/MixofShow/multi-concept/*/*.json, read by gradient_fusion.py:403 and :512).
+FUSION_STRENGTHS = ("1.0, as the official fusion", "the stack's strengths")
+
+
 @dataclass(frozen=True)
 class FusionSettings:
     solver: str = "closed form"
@@ -72,6 +78,7 @@ class FusionSettings:
     unet_iters: int = 50  # ... and for the other UNet layers
     ridge: float = DEFAULT_RIDGE
     save_dtype: str = "fp16"
+    strengths: str = FUSION_STRENGTHS[0]
 
 
 @dataclass
@@ -275,6 +282,9 @@ def record_text_encoder(clip, item: ConceptPatches, keys, templates) -> dict[str
     clip_i = concept_clip(clip, [c] if c.kind == "edlora" else [], [])
     if item.clip:
         clip_i.add_patches(item.clip, c.strength_text)
+    # the 16 (SDXL: 70) per-layer prompt variants, as the official fusion binds each prompt
+    # (TencentARC/Mix-of-Show gradient_fusion.py:517-527, bind_concept_prompt), not a 17th layer-averaged one
+    clip_i = layer_variants_only(clip_i)
     modules = _modules(clip.patcher.model, keys)
     acc: dict[str, MomentAccumulator] = {}
     for prompt in concept_prompts(c, templates):
@@ -412,6 +422,15 @@ def _fingerprint(source: WeightSource, keys: list[str]) -> dict:
     return {k: float(source.base(k).double().sum()) for k in sorted(keys)[:3]}
 
 
+def fusion_strengths(stack: ConceptStack, strengths: str) -> ConceptStack:
+    """``stack`` with the strengths the fusion uses: 1.0 for both parts (official), or the stack's own."""
+    if strengths not in FUSION_STRENGTHS:
+        raise FusionError(f"strengths is {strengths!r}; choose one of {', '.join(FUSION_STRENGTHS)}")
+    if strengths == FUSION_STRENGTHS[1]:
+        return stack
+    return replace(stack, concepts=tuple(replace(c, strength_unet=1.0, strength_text=1.0) for c in stack))
+
+
 def fuse_stack(
     model, clip, stack: ConceptStack, settings: FusionSettings, progress: Progress | None = None
 ) -> FusionRun:
@@ -420,6 +439,7 @@ def fuse_stack(
 
     if settings.solver not in SOLVERS:
         raise FusionError(f"solver is {settings.solver!r}; choose one of {', '.join(SOLVERS)}")
+    stack = fusion_strengths(stack, settings.strengths)
     family = check_stack(stack, model, clip)
     items = [concept_patches(model, clip, c) for c in stack]
     unet_shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}

@@ -105,6 +105,7 @@ def test_fused_layer_outputs_measured_directly(comfy, base, stack, saved, fuse):
     """One text-encoder layer's outputs on each concept's recorded inputs, computed outside the solver's maths:
     the fused weight is closer to the concept's own weight than the sum of both LoRAs."""
     model, clip, _ = base
+    stack = fuse.fusion_strengths(stack, fuse.FUSION_STRENGTHS[0])  # the strengths the node fused at (1.0)
     items = [fuse.concept_patches(model, clip, c) for c in stack]
     key = "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
     assert key in saved.clip
@@ -122,6 +123,30 @@ def test_fused_layer_outputs_measured_directly(comfy, base, stack, saved, fuse):
             return float(((e @ moment) * e).sum())
 
         assert err(fused) < 0.5 * err(own + other), i
+
+
+def test_each_concept_is_fused_at_full_strength_as_the_official_fusion(comfy, stack, saved, fuse):
+    # TencentARC/Mix-of-Show gradient_fusion.py:403 and :512 merge each concept at unet_alpha / text_encoder_alpha,
+    # 1.0 in every official fusion config (datasets/data_cfgs/MixofShow/multi-concept/*/*.json)
+    assert [(c.strength_unet, c.strength_text) for c in stack] == [(0.8, 0.8)] * 2
+    assert [(c.strength_unet, c.strength_text) for c in saved.concepts] == [(1.0, 1.0)] * 2
+    full = fuse.fusion_strengths(stack, fuse.FUSION_STRENGTHS[0])
+    assert [(c.strength_unet, c.strength_text) for c in full] == [(1.0, 1.0)] * 2
+    assert fuse.fusion_strengths(stack, "the stack's strengths") is stack
+    with pytest.raises(fuse.FusionError, match="strengths is 'half'"):
+        fuse.fusion_strengths(stack, "half")
+
+
+def test_the_text_encoder_is_recorded_on_the_16_layer_variants_only(comfy, base, stack, fuse):
+    # official: gradient_fusion.py:517-527 binds each prompt into 16 per-layer prompts (bind_concept_prompt) and
+    # records the text encoder on those; our encoder's 17th, layer-averaged variant is not recorded
+    model, clip, _ = base
+    item = fuse.concept_patches(model, clip, stack[0])
+    key = "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    (acc,) = fuse.record_text_encoder(clip, item, [key], TEMPLATES).values()
+    own = fuse.concept_clip(clip, [stack[0]], [])
+    tokens = sum(fuse._real_token_counts(own, p)["l"] for p in fuse.concept_prompts(stack[0], TEMPLATES))
+    assert acc.count == 16 * tokens, (acc.count, tokens)
 
 
 def test_node_saves_a_file_that_reloads_to_identical_weights_and_words(comfy, base, node_run, fuse):

@@ -88,3 +88,21 @@ def test_mixofshow_box_negative_empty_is_the_empty_prompt(comfy):
     # mixofshow/pipelines/pipeline_regionally_t2iadapter.py:286-295: a region's negative is encoded as written,
     # [''] when None; the global negative never stands in for it
     assert widget_default(comfy, "MultiConceptMixOfShowRegional", "empty_box_negative") == "empty, as the official code"
+
+
+# ---------------------------------------------------------------------------------------- Fuse Concepts
+
+
+def test_fuse_concepts_defaults_are_the_official_gradient_fusion(comfy):
+    fuse = comfy.pack_module("samplers.fusion.fuse")
+    node = "MultiConceptFuseConcepts"
+    # unet_alpha = text_encoder_alpha = 1.0 in datasets/data_cfgs/MixofShow/multi-concept/*/*.json
+    assert widget_default(comfy, node, "strengths") == "1.0, as the official fusion"
+    assert fuse.FusionSettings().strengths == fuse.FUSION_STRENGTHS[0]
+    # gradient_fusion.py:688 num_inference_steps=20; :595-596 512x512; :176 DPMSolverMultistepScheduler
+    assert widget_default(comfy, node, "sample_steps") == 20 and widget_default(comfy, node, "sample_size") == 512
+    assert fuse.FusionSettings().sampler == "dpmpp_2m"
+    # fuse.sh: --optimize_textenc_iters=500 --optimize_unet_iters=50 (the L-BFGS solver)
+    assert (fuse.FusionSettings().text_iters, fuse.FusionSettings().unet_iters) == (500, 50)
+    # gradient_fusion.py:19 TEMPLATE_SIMPLE = 'photo of a {}', and the bare concept name (:517-520)
+    assert fuse.DEFAULT_TEMPLATES == ("photo of a {}", "{}")
