@@ -81,7 +81,8 @@ see ``benchmarks/compare_suite_example/``)::
     }
 
 A box's label names the concept that goes in it (its ``label``); a box without a concept of that label is a
-plain regional prompt (Mix-of-Show, LoRA-Composer). A concept box without a prompt gets ``a photo of <words>,
+plain regional prompt (Mix-of-Show, LoRA-Composer). A box without a ``negative`` of its own gets the prompt's
+negative, as the official Mix-of-Show example script (``regionally_sample.sh``) writes it into every box. A concept box without a prompt gets ``a photo of <words>,
 a <class word>``. Strengths default to 0.7 (ED-LoRA) and 1.0 (LoRA); ``kind`` to ``edlora``. A missing weight
 file stops the run before anything is sampled, naming the file and the folder it belongs in.
 
@@ -651,8 +652,10 @@ class Runner:
             prompt = b.prompt.strip()
             if not prompt:  # filled in with the concept's (stack) words once the stack exists; see stack()
                 prompt = p.prompt if b.label not in by_label else "{words}"
+            # a box without a negative of its own gets the prompt's, as the official Mix-of-Show example script
+            # (regionally_sample.sh) writes the scene's negative into every box
             boxes.append({"x": b.x, "y": b.y, "w": b.w, "h": b.h, "label": b.label, "prompt": prompt,
-                          "negative": b.negative})  # fmt: skip
+                          "negative": b.negative or p.negative})  # fmt: skip
         return json.dumps({"version": 1, "units": "fraction", "boxes": boxes})
 
     def stack(self, pi: int, off: bool = False):

@@ -10,6 +10,7 @@ from ..formats.edlora import EDLoRAFileError, validate_concept_words
 from ..formats.weights import CheckpointFileError
 from ..samplers.concept_stack import Concept, ConceptStack
 from ..samplers.concept_stack.files import load_edlora, load_lora
+from ..samplers.concept_stack.stack import DEFAULT_STRENGTHS
 from .common import (
     CATEGORY_CONCEPTS,
     ConceptStackType,
@@ -72,7 +73,7 @@ class ConceptStackEDLoRA(io.ComfyNode):
             "method node that reads the stack decides where and how the concept acts.",
             inputs=_file_inputs(
                 EDLORA_FILES.input("edlora_name", "ED-LoRA file from models/loras (read safely: tensors only)."),
-                0.7,
+                DEFAULT_STRENGTHS["edlora"],
                 "Scale of the concept's UNet LoRA (Mix-of-Show's alpha; 0.6-0.7 is typical).",
                 "Scale of the concept's text-encoder LoRA, used when its region prompt is encoded.",
                 io.String.Input(
@@ -131,7 +132,7 @@ class ConceptStackLoRA(io.ComfyNode):
                 LORA_FILES.input(
                     "lora_name", "LoRA file from models/loras (.safetensors, or .pt/.pth read safely: tensors only)."
                 ),
-                1.0,
+                DEFAULT_STRENGTHS["lora"],
                 "Scale of the LoRA's UNet part (as strength_model in Load LoRA).",
                 "Scale of the LoRA's text-encoder part (as strength_clip in Load LoRA), used when "
                 "its region prompt is encoded.",

@@ -120,8 +120,10 @@ class FuseConcepts(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "strengths", options=list(FUSION_STRENGTHS), default=FUSION_STRENGTHS[0], optional=True,
-                    tooltip="How strongly each concept counts: 1.0 (its full LoRA, as the official Mix-of-Show "
-                    "fusion does), or each concept's strength_unet / strength_text from its Concept Stack node.",
+                    tooltip="How strongly each concept counts. 1.0, as the official fusion: its whole LoRA, as the "
+                    "official Mix-of-Show fusion merges every concept, wherever a Concept Stack node's strength is "
+                    "left at its default (a strength you changed is kept). The stack's strengths: each concept's "
+                    "strength_unet / strength_text as set.",
                 ),
             ],
             outputs=_outputs() + [

@@ -19,6 +19,7 @@ from ..samplers.omg.blend import POLICIES, resize_masks
 from ..samplers.omg.guider import OMGGuider
 from ..samplers.omg.layout import LayoutError, LayoutStore
 from ..samplers.omg.stages import (
+    STRENGTHS,
     ModelConcept,
     OMGError,
     OMGLayout,
@@ -28,6 +29,7 @@ from ..samplers.omg.stages import (
     concept_prompt,
     mask_preview,
     masks_from_boxes,
+    omg_strengths,
     parse_concept_prompts,
     run_stage1,
     stage2_model,
@@ -102,6 +104,18 @@ def _layout_memory_input():
         optional=True,
         tooltip="Memory for stage 1's attention replay (SD1.5 at 512 px: about 22 MB per step in fp16; SDXL at 1024 px: "
         "about 210 MB). Past it, the last steps are not replayed. 0: no replay.",
+    )
+
+
+def _strengths_input():
+    return io.Combo.Input(
+        "strengths",
+        options=list(STRENGTHS),
+        default=STRENGTHS[0],
+        optional=True,
+        tooltip="How strongly each concept's LoRA acts (UNet and text encoder). 0.8, as the official OMG: the "
+        "official OMG samples every concept at 0.8; used wherever a Concept Stack node's strength is left at its "
+        "default (a strength you changed, 0 included, is kept). The stack's strengths: as set in the stack.",
     )
 
 
@@ -244,10 +258,11 @@ def _guider(node, model, clip, stack, layout: OMGLayout, overlap, regions, sam, 
     _fits_latent(masks, lat_h, lat_w)
 
     prompts = _concept_prompts(stack, regions, layout.scene_prompt, concept_prompts)
+    negatives = _concept_negatives(stack, regions, layout.negative_prompt)
     concept_conds = []
     for i, concept in enumerate(stack):
         own = concept_clip(clip, [concept], [concept])
-        concept_conds.append((tag_rows(encode(own, prompts[i]), i), tag_rows(encode(own, layout.negative_prompt), i)))
+        concept_conds.append((tag_rows(encode(own, prompts[i]), i), tag_rows(encode(own, negatives[i]), i)))
     model2 = stage2_model(model, stack, store, node)
     if any(LAYERWISE_KEY in d for pos, neg in concept_conds for _, d in pos + neg):
         add_layerwise_routing(model2)
@@ -298,12 +313,27 @@ def _concept_prompts(stack, regions, scene_prompt, text) -> list[str]:
     return out
 
 
-def _need_concepts(node, stack, model_concepts):
+def _concept_negatives(stack, regions, negative: str) -> list[str]:
+    """Each concept's negative prompt: its box's own negative when it has one (the official code takes a
+    negative per region: kongzhecn/OMG src/pipelines/lora_pipeline.py:313 and :343-344), else the node's."""
+    by_label = {}
+    for r in getattr(regions, "regions", ()) or ():
+        if r.label and r.negative.strip():
+            by_label.setdefault(r.label, r.negative.strip())
+    return [by_label.get(c.label) or negative or "" for c in stack]
+
+
+def _need_concepts(node, stack, model_concepts, strengths=STRENGTHS[0]):
+    """``(stack at the strengths OMG samples with, model concepts)``; the stack must not be empty."""
     from ..samplers.concept_stack import ConceptStack
 
     stack = stack if stack is not None else ConceptStack()
     if len(stack) == 0 and not model_concepts:
         raise NodeError(node, "the concept stack is empty: add concepts with the Concept Stack nodes.")
+    try:
+        stack = omg_strengths(stack, strengths)
+    except OMGError as e:
+        raise NodeError(node, str(e)) from None
     return stack, tuple(model_concepts or ())
 
 
@@ -336,7 +366,9 @@ class OMG(io.ComfyNode):
             "point on, every step blends each concept's own prediction (its LoRA, its prompt) inside its mask and "
             "the scene's prediction outside, in one batched model call per step. Works like a KSampler: connect an "
             "Empty Latent Image and decode the output.",
-            inputs=_stage1_inputs(True) + _stage2_inputs() + [_model_concepts_input(), _layout_memory_input()],
+            inputs=_stage1_inputs(True)
+            + _stage2_inputs()
+            + [_model_concepts_input(), _layout_memory_input(), _strengths_input()],
             outputs=[
                 io.Latent.Output(display_name="LATENT", tooltip="The final image's latent (decode it)."),
                 io.Latent.Output(display_name="stage 1", tooltip="Stage 1's latent: the scene without concepts."),
@@ -349,10 +381,10 @@ class OMG(io.ComfyNode):
     def execute(cls, model, clip, vae, concepts, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 scene_prompt, negative, start=0.32, overlap="front_to_back", regions=None, sam=None,
                 concept_prompts="", crop_concepts=False, mask_threshold=0.4, model_concepts=None,
-                layout_memory_mb=1024, masks=None) -> io.NodeOutput:  # fmt: skip
+                layout_memory_mb=1024, masks=None, strengths=STRENGTHS[0]) -> io.NodeOutput:  # fmt: skip
         import comfy.utils
 
-        stack, extra = _need_concepts(cls.NAME, concepts, model_concepts)
+        stack, extra = _need_concepts(cls.NAME, concepts, model_concepts, strengths)
         _check_model_concepts(cls.NAME, model, extra)
         samples = latent_image["samples"]
         layout = None
@@ -433,6 +465,7 @@ class OMGGuiderNode(io.ComfyNode):
                 OMGLayoutType.Input("layout", tooltip="From OMG Stage 1."),
                 *_stage2_inputs(),
                 _model_concepts_input(),
+                _strengths_input(),
             ],
             outputs=[
                 io.Guider.Output(display_name="GUIDER", tooltip="For SamplerCustomAdvanced."),
@@ -444,8 +477,8 @@ class OMGGuiderNode(io.ComfyNode):
     @checked_inputs(NAME)
     def execute(cls, model, clip, concepts, layout, overlap="front_to_back", regions=None, sam=None,
                 concept_prompts="", crop_concepts=False, mask_threshold=0.4, model_concepts=None,
-                masks=None) -> io.NodeOutput:  # fmt: skip
-        stack, extra = _need_concepts(cls.NAME, concepts, model_concepts)
+                masks=None, strengths=STRENGTHS[0]) -> io.NodeOutput:  # fmt: skip
+        stack, extra = _need_concepts(cls.NAME, concepts, model_concepts, strengths)
         _check_model_concepts(cls.NAME, model, extra)
         if not isinstance(layout, OMGLayout):
             raise NodeError(cls.NAME, "layout must come from OMG Stage 1.")

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field, replace
 log = logging.getLogger("multiconcept")
 
 KINDS = ("edlora", "lora")
+# The Concept Stack nodes' default strengths per kind (Mix-of-Show's inference alpha 0.7 for ED-LoRAs; 1.0, as
+# Load LoRA, for ordinary LoRAs). A method whose official strength differs uses its own where these are left.
+DEFAULT_STRENGTHS = {"edlora": 0.7, "lora": 1.0}
 
 
 class ConceptStackError(ValueError):
@@ -106,6 +109,21 @@ class ConceptStack:
             taken.add(candidate)
             out.append(candidate)
         return tuple(out)
+
+    def at_strength(self, strength: float) -> ConceptStack:
+        """The stack with each strength still at its Concept Stack node's default (``DEFAULT_STRENGTHS``: the user
+        left it) set to ``strength``, a method's official value; a strength the user changed (0 included) is
+        kept. Words, labels and adapters unchanged."""
+
+        def official(value: float, kind: str) -> float:
+            default = DEFAULT_STRENGTHS.get(kind)
+            return float(strength) if default is not None and abs(float(value) - default) < 1e-6 else value
+
+        concepts = tuple(
+            replace(c, strength_unet=official(c.strength_unet, c.kind), strength_text=official(c.strength_text, c.kind))
+            for c in self
+        )
+        return replace(self, concepts=concepts)
 
     def with_concept(self, concept: Concept) -> ConceptStack:
         """A new stack with ``concept`` appended: a fresh uid, and clashing ED-LoRA words renamed."""

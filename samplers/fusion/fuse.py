@@ -21,7 +21,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -423,12 +423,13 @@ def _fingerprint(source: WeightSource, keys: list[str]) -> dict:
 
 
 def fusion_strengths(stack: ConceptStack, strengths: str) -> ConceptStack:
-    """``stack`` with the strengths the fusion uses: 1.0 for both parts (official), or the stack's own."""
+    """``stack`` with the strengths the fusion uses: 1.0 (official) for every strength left at its Concept Stack
+    node's default (a changed one is kept), or the stack's own."""
     if strengths not in FUSION_STRENGTHS:
         raise FusionError(f"strengths is {strengths!r}; choose one of {', '.join(FUSION_STRENGTHS)}")
     if strengths == FUSION_STRENGTHS[1]:
         return stack
-    return replace(stack, concepts=tuple(replace(c, strength_unet=1.0, strength_text=1.0) for c in stack))
+    return stack.at_strength(1.0)
 
 
 def fuse_stack(

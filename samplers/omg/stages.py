@@ -37,8 +37,23 @@ class OMGLayout:
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
 
 
+# Official OMG samples every concept with its LoRA at scale 0.8, UNet and text encoder alike
+# (kongzhecn/OMG inference_lora.py:64 cross_attention_kwargs={"scale": 0.8}, which lora_pipeline.py:306-307 also
+# takes as the text encoder's lora_scale; lora_pipeline.py:596 in stage 2).
+OFFICIAL_STRENGTH = 0.8
+STRENGTHS = ("0.8, as the official OMG", "the stack's strengths")
+
+
 class OMGError(ValueError):
     """Bad OMG input; the message says what to change."""
+
+
+def omg_strengths(stack: ConceptStack, choice: str) -> ConceptStack:
+    """The stack at the strengths OMG samples with: 0.8 (official) for every strength left at its Concept Stack
+    node's default (a changed one is kept), or the stack's own."""
+    if choice not in STRENGTHS:
+        raise OMGError(f"strengths is {choice!r}; choose one of {', '.join(STRENGTHS)}")
+    return stack if choice == STRENGTHS[1] else stack.at_strength(OFFICIAL_STRENGTH)
 
 
 # ------------------------------------------------------------------------------------------- words

@@ -4,6 +4,7 @@ reloads to identical weights and words; the fused MODEL/CLIP feed Mix-of-Show Re
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 
@@ -46,8 +47,8 @@ def base(comfy, tiny_models):
 @pytest.fixture(scope="module")
 def stack(comfy, base):
     node = comfy.node_class("MultiConceptStackEDLoRA")
-    s = node.execute("fu_cat.pth", 0.8, 0.8, "cat").args[0]
-    return node.execute("fu_dog.pth", 0.8, 0.8, "dog", concepts=s).args[0]
+    s = node.execute("fu_cat.pth", 0.7, 0.7, "cat").args[0]  # the node's default strengths
+    return node.execute("fu_dog.pth", 0.7, 0.7, "dog", concepts=s).args[0]
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +129,16 @@ def test_fused_layer_outputs_measured_directly(comfy, base, stack, saved, fuse):
 def test_each_concept_is_fused_at_full_strength_as_the_official_fusion(comfy, stack, saved, fuse):
     # TencentARC/Mix-of-Show gradient_fusion.py:403 and :512 merge each concept at unet_alpha / text_encoder_alpha,
     # 1.0 in every official fusion config (datasets/data_cfgs/MixofShow/multi-concept/*/*.json)
-    assert [(c.strength_unet, c.strength_text) for c in stack] == [(0.8, 0.8)] * 2
+    assert [(c.strength_unet, c.strength_text) for c in stack] == [(0.7, 0.7)] * 2  # the stack node's defaults
     assert [(c.strength_unet, c.strength_text) for c in saved.concepts] == [(1.0, 1.0)] * 2
     full = fuse.fusion_strengths(stack, fuse.FUSION_STRENGTHS[0])
     assert [(c.strength_unet, c.strength_text) for c in full] == [(1.0, 1.0)] * 2
     assert fuse.fusion_strengths(stack, "the stack's strengths") is stack
+    # a strength the user changed is the user's: kept (0.8 here; 0, a part switched off, too)
+    changed = dataclasses.replace(stack, concepts=(dataclasses.replace(stack[0], strength_unet=0.8, strength_text=0.0),
+                                                   stack[1]))  # fmt: skip
+    full = fuse.fusion_strengths(changed, fuse.FUSION_STRENGTHS[0])
+    assert [(c.strength_unet, c.strength_text) for c in full] == [(0.8, 0.0), (1.0, 1.0)]
     with pytest.raises(fuse.FusionError, match="strengths is 'half'"):
         fuse.fusion_strengths(stack, "half")
 

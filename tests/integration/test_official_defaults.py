@@ -106,3 +106,15 @@ def test_fuse_concepts_defaults_are_the_official_gradient_fusion(comfy):
     assert (fuse.FusionSettings().text_iters, fuse.FusionSettings().unet_iters) == (500, 50)
     # gradient_fusion.py:19 TEMPLATE_SIMPLE = 'photo of a {}', and the bare concept name (:517-520)
     assert fuse.DEFAULT_TEMPLATES == ("photo of a {}", "{}")
+
+
+# -------------------------------------------------------------------------------------------------- OMG
+
+
+@pytest.mark.parametrize("node_id", ["MultiConceptOMG", "MultiConceptOMGGuider"])
+def test_omg_samples_each_concept_at_the_official_strength(comfy, node_id):
+    # kongzhecn/OMG @e1bd7a8: inference_lora.py:64 cross_attention_kwargs={"scale": 0.8}, which
+    # src/pipelines/lora_pipeline.py:306-307 also takes as the text encoder's lora_scale (stage 2: :596)
+    stages = comfy.pack_module("samplers.omg.stages")
+    assert stages.OFFICIAL_STRENGTH == 0.8
+    assert widget_default(comfy, node_id, "strengths") == "0.8, as the official OMG"

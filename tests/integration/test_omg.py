@@ -468,3 +468,24 @@ def test_the_replay_gives_the_scene_rows_stage_one_attention(comfy, base, omg):
     assert not bare.cross and not bare.self_qk
     unreplayed = stage2(omg, model, bare, other, neg, [], torch.zeros(0, H, W))
     assert has_range(unreplayed) and (unreplayed - first).abs().mean() > 1e-3
+
+
+def test_a_concepts_box_negative_is_its_own_negative_prompt(comfy, base, omg):
+    # official OMG takes a negative prompt per region (kongzhecn/OMG src/pipelines/lora_pipeline.py:313, 343-344);
+    # a box without one gets the node's negative
+    model, clip, vae = base
+    layout_node = comfy.node_class("MultiConceptOMGStage1")
+    layout = layout_node.execute(model, clip, vae, latent(), 3, 2, 5.0, "euler", "normal", SCENE, "blurry",
+                                 start=0.5).result[0]  # fmt: skip
+    regions = comfy.pack_module("samplers.regions").parse_regions(
+        {"boxes": [{"x": 0.05, "y": 0.1, "w": 0.4, "h": 0.8, "label": "cat", "negative": "extra legs, lowres"},
+                   {"x": 0.55, "y": 0.1, "w": 0.4, "h": 0.8, "label": "dog"}]}, W, H)  # fmt: skip
+    stack = lora_stack(comfy, ("omg_a.safetensors", "cat", "cat"), ("omg_b.safetensors", "dog", "dog"))
+    guider = comfy.node_class("MultiConceptOMGGuider").execute(model, clip, stack, layout, regions=regions).result[0]
+    key = omg["guider"].CONCEPT_KEY
+
+    def negative_of(i):
+        return guider.original_conds[key.format(i=i, side="negative")][0]["cross_attn"]
+
+    assert torch.equal(negative_of(0), encode(clip, "extra legs, lowres")[0][0])  # its box's negative
+    assert torch.equal(negative_of(1), encode(clip, "blurry")[0][0])  # no box negative: the node's

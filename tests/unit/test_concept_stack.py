@@ -141,3 +141,18 @@ def test_files_are_parsed_once_per_version(tmp_path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a new version of the file
     second = load_lora(str(path))
     assert second is not first and second.tensors["lora_unet_x.lora_down.weight"].sum() == 0
+
+
+def test_a_methods_official_strength_replaces_only_strengths_left_at_the_default():
+    import dataclasses
+
+    from multiconcept.samplers.concept_stack.stack import DEFAULT_STRENGTHS
+
+    assert DEFAULT_STRENGTHS == {"edlora": 0.7, "lora": 1.0}  # the Concept Stack nodes' widget defaults
+    ed = dataclasses.replace(edlora_concept(), strength_unet=0.7, strength_text=0.7)
+    lora = dataclasses.replace(lora_concept(), strength_unet=1.0, strength_text=1.0)
+    changed = dataclasses.replace(lora_concept("b.safetensors"), strength_unet=0.0, strength_text=1.3)
+    stack = ConceptStack().with_concept(ed).with_concept(lora).with_concept(changed)
+    got = [(c.strength_unet, c.strength_text) for c in stack.at_strength(0.8)]
+    assert got == [(0.8, 0.8), (0.8, 0.8), (0.0, 1.3)]  # a switched-off part (0) and a chosen 1.3 are kept
+    assert [c.words for c in stack.at_strength(0.8)] == [c.words for c in stack]
