@@ -16,7 +16,7 @@ from ..samplers.edlora.model import EDLoRAApplyError, add_layerwise_routing, che
 from ..samplers.mixofshow.encoding import concept_clip, encode
 from ..samplers.mixofshow.plan import RegionalPlanError
 from ..samplers.omg.blend import POLICIES, resize_masks
-from ..samplers.omg.guider import OMGGuider
+from ..samplers.omg.guider import OMGGuider, is_memoryless
 from ..samplers.omg.layout import LayoutError, LayoutStore
 from ..samplers.omg.stages import (
     STRENGTHS,
@@ -390,7 +390,9 @@ class OMG(io.ComfyNode):
         layout = None
         try:
             start_step = min(max(1, round(start * steps)), steps - 1)
-            total = steps + (steps - start_step)
+            # stage 2 runs from the start step, or the whole schedule for a sampler that keeps a history
+            skipped = start_step if is_memoryless(sampler_name) else 0
+            total = steps + (steps - skipped)
             bar = comfy.utils.ProgressBar(total)
             layout = _stage1(cls.NAME, model, clip, vae, list(stack) + list(extra), latent_image, seed, steps, cfg, sampler_name,
                              scheduler, scene_prompt, negative, start, layout_memory_mb,
@@ -399,7 +401,7 @@ class OMG(io.ComfyNode):
             guider, masks, preview = _guider(cls.NAME, model, clip, stack, layout, overlap, regions, sam,
                                              concept_prompts, crop_concepts, mask_threshold, extra, masks)  # fmt: skip
             out = sample_guider(guider, latent_image, seed, sampler_name, layout.store.sigmas.to(torch.float32),
-                                lambda step, x0, x, t: bar.update_absolute(steps + step - start_step + 1, total))  # fmt: skip
+                                lambda step, x0, x, t: bar.update_absolute(steps + step - skipped + 1, total))  # fmt: skip
             stage1 = layout.store.final
         except _ERRORS as e:
             raise NodeError(cls.NAME, str(e)) from None

@@ -1,27 +1,66 @@
 """OMG stage 2 as a ComfyUI guider (the glue around ``blend`` and ``layout``).
 
-Every step from the start on: the global prediction (stage 1's prompt, layout replayed) and each concept's
-prediction (its adapter, its own prompt), each with its own CFG, blended by the concept masks. All of them come
+Every model call from the start on — calls between two steps too, as second-order and SDE samplers make
+them — the global prediction (stage 1's prompt, layout replayed) and each concept's prediction (its adapter,
+its own prompt), each with its own CFG, blended by the concept masks. All of them come
 from **one** batched model call: the concepts' adapters are in the scoped LoRA runtime with a row scope, so
 each acts only in its own rows (``ROW_TAGS_KEY`` on its conds); ComfyUI batches the conds of a call as far
 as memory allows. Before the start step the guider is plain CFG on the global prompt, which is stage 1.
 
-Sampling a full schedule through this guider starts at the start step from stage 1's latent there (the
-steps before are stage 1's own, so they are not sampled again) when the noise is stage 1's; that is exact
-for deterministic samplers (euler, heun, dpm++ 2m, ...). Ancestral and SDE samplers draw fresh noise per
-step from the seed, so their steps after the start differ from a run over the whole schedule (both are
-valid samples of the same layout).
+Sampling a full schedule through this guider with a sampler that keeps no history (``MEMORYLESS_SAMPLERS``:
+euler, heun, dpm_2, ...) starts at the start step from stage 1's latent there (the steps before are stage
+1's own, so they are not sampled again): exact for deterministic ones. Samplers that build on earlier steps
+(dpmpp_2m, lms, uni_pc, ...) run the whole schedule instead, unblended before the start, so their history
+is stage 1's: exact as well. Ancestral and SDE samplers draw fresh noise per step from the seed, so their
+steps after the start differ from a run over the whole schedule (both are valid samples of the same layout).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from .blend import blend_predictions, crop_box, resize_masks
 from .layout import OFF, REPLAY, LayoutError, LayoutStore
 
+log = logging.getLogger("multiconcept")
+
 CONCEPT_KEY = "omg_concept_{i}_{side}"
 MODEL_CONCEPT_KEY = "omg_model_concept_{j}_{side}"
+
+
+# Samplers whose step reads only the current latent (no history of earlier steps): stage 2 starts at the start
+# step from stage 1's latent there and continues stage 1 exactly (ancestral/SDE ones with fresh noise). Every
+# other sampler (dpmpp_2m, lms, uni_pc, deis, ipndm, res_multistep, gradient_estimation, the 2m/3m SDE ones ...)
+# builds on earlier steps, so stage 2 runs the whole schedule, the steps before the start unblended (equal to
+# stage 1's): exact too, at the cost of those steps. ComfyUI's ddim is its euler.
+MEMORYLESS_SAMPLERS = frozenset(
+    f"sample_{name}"
+    for name in (
+        "euler",
+        "euler_cfg_pp",
+        "euler_ancestral",
+        "euler_ancestral_cfg_pp",
+        "heun",
+        "heunpp2",
+        "dpm_2",
+        "dpm_2_ancestral",
+        "dpmpp_2s_ancestral",
+        "dpmpp_2s_ancestral_cfg_pp",
+        "dpmpp_sde",
+        "dpmpp_sde_gpu",
+        "ddpm",
+        "lcm",
+    )  # fmt: skip
+)
+
+
+def is_memoryless(sampler) -> bool:
+    """Whether ``sampler`` (a ComfyUI sampler object, or a sampler name) keeps no history between steps."""
+    if isinstance(sampler, str):
+        return sampler == "ddim" or f"sample_{sampler}" in MEMORYLESS_SAMPLERS
+    return getattr(getattr(sampler, "sampler_function", None), "__name__", "") in MEMORYLESS_SAMPLERS
 
 
 def _guider_base():
@@ -46,6 +85,7 @@ class OMGGuider(_guider_base()):
         self.n_concepts = 0
         self.model_concepts: list = []
         self._latent_masks: dict = {}
+        self.calls = self.blended = 0  # model calls of the last run, and how many of them were blended
 
     def set_omg_conds(self, positive, negative, concepts: list[tuple[list, list]], model_concepts=()) -> None:
         """``concepts``: (positive, negative) per stack concept, batched with the scene's rows.
@@ -98,9 +138,12 @@ class OMGGuider(_guider_base()):
         import comfy.samplers
 
         self.store.replay_uuids = frozenset(c["uuid"] for c in self.conds.get("positive", []) if "uuid" in c)
-        step = self.store.step_of(timestep)
-        if not (self.n_concepts or self.model_concepts) or step is None or step < self.store.start:
+        # every call from the start on is blended, those between steps too (second-order and SDE samplers)
+        position = self.store.position_of(timestep)
+        self.calls += 1
+        if not (self.n_concepts or self.model_concepts) or position is None or position < self.store.start:
             return super().predict_noise(x, timestep, model_options, seed)
+        self.blended += 1
         names = ["positive", "negative"]
         for i in range(self.n_concepts):
             names += [CONCEPT_KEY.format(i=i, side="positive"), CONCEPT_KEY.format(i=i, side="negative")]
@@ -141,8 +184,17 @@ class OMGGuider(_guider_base()):
             )
         store.check_schedule(sigmas)
         self._set_crops(tuple(noise.shape[-2:]))
+        self.calls = self.blended = 0
+        store.replayed.clear()
         tail = sigmas.shape[-1] == store.steps + 1 - store.start
-        if not tail and store.x_start is not None and _eps_like(self.model_patcher):
+        if tail and not is_memoryless(sampler):
+            log.warning(
+                "[multi-concept] %s: the sampler builds each step on earlier ones; started at the start step it "
+                "continues stage 1 with a first-order step there, not exactly. Give stage 2 the whole schedule "
+                "(the same steps as stage 1) to continue it exactly.",
+                self.node,
+            )
+        if not tail and store.x_start is not None and _eps_like(self.model_patcher) and is_memoryless(sampler):
             # the steps before the start are stage 1's own: start from its latent there (module docstring)
             model = self.model_patcher.model
             latent_image = model.process_latent_out(store.x_start.to(noise.device, torch.float32))

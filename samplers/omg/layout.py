@@ -74,11 +74,13 @@ class LayoutStore:
         self.word_tokens = list(word_tokens)
         self.mode = OFF
         self.sigmas: torch.Tensor | None = None  # the stage-1 schedule, float64 on the CPU
-        self.cross: dict = {}  # (step, layer key) -> [rows, Q, inner]
-        self.self_qk: dict = {}  # (step, layer key) -> (q, k) [rows, Q, inner]
+        # keyed by (position, layer key); a position is a step index, or between two for a mid-step call
+        self.cross: dict = {}  # -> the attention output [rows, Q, inner]
+        self.self_qk: dict = {}  # -> (q, k) [rows, Q, inner]
         self.bytes = 0
         self.stopped_at: int | None = None  # the first step not recorded (memory budget)
-        self._step_bytes: dict[int, int] = {}
+        self._step_bytes: dict[float, int] = {}
+        self.replayed: set[float] = set()  # the positions stage 2 replayed at (what the tests count)
         self._maps: torch.Tensor | None = None  # [B, W, h, w] summed
         self._map_count = 0
         self.replay_uuids: frozenset = frozenset()
@@ -102,6 +104,27 @@ class LayoutStore:
         i = int(diff.argmin())
         return i if float(diff[i]) <= 1e-5 * max(1.0, abs(value)) else None
 
+    def position_of(self, sigma) -> float | None:
+        """Where a model call at ``sigma`` sits in stage 1's schedule: ``i`` at step ``i``'s own sigma, ``i + f``
+        (0 < f < 1, the share of the way to the next step's sigma) for a call between steps, as second-order
+        and SDE samplers make (dpm_2, dpmpp_2s_ancestral, dpmpp_sde ...); None outside the schedule.
+
+        The same sampler on the same schedule computes the same sigmas bit for bit, so stage 1 and stage 2 agree
+        on every position; a step's own sigma is matched exactly, so a call a hair away from it (dpmpp_2s_ancestral
+        at eta 1 evaluates its midpoint at the next step's sigma up to float rounding) keeps a position of its own.
+        A second call at exactly a step's sigma (heun's correction) shares that step's position."""
+        if self.sigmas is None:
+            return None
+        value = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+        s = self.sigmas
+        for i in range(s.numel() - 1):
+            hi, lo = float(s[i]), float(s[i + 1])
+            if value == hi:
+                return float(i)
+            if hi > value > lo:
+                return i + (hi - value) / (hi - lo)
+        return None
+
     def check_schedule(self, sigmas: torch.Tensor) -> None:
         """Stage 2's schedule must be stage 1's, whole or from the start step on."""
         s = sigmas.detach().double().cpu().flatten()
@@ -118,12 +141,13 @@ class LayoutStore:
 
     # -- recording ------------------------------------------------------------------------------
 
-    def _fits(self, step: int, nbytes: int) -> bool:
+    def _fits(self, step: float, nbytes: int) -> bool:
         if self.stopped_at is not None and step >= self.stopped_at:
             return False
         if self.bytes + nbytes <= self.budget_bytes:
             return True
-        self.stopped_at = step  # drop this step whole: a half-replayed step would mix two layouts
+        step = math.floor(step)  # drop this step whole, mid-step calls too: a half-replayed step mixes two layouts
+        self.stopped_at = step
         for store in (self.cross, self.self_qk):
             for key in [k for k in store if k[0] >= step]:
                 del store[key]
@@ -135,7 +159,7 @@ class LayoutStore:
             "replayed. Raise layout_memory_mb to replay them all.",
             self.budget_bytes // 2**20,
             self.start + 1,
-            step,
+            math.ceil(step),
             self.steps,
         )
         return False
@@ -145,18 +169,18 @@ class LayoutStore:
         self.bytes += nbytes
         self._step_bytes[key[0]] = self._step_bytes.get(key[0], 0) + nbytes
 
-    def record_cross(self, step: int, layer, out: torch.Tensor) -> None:
+    def record_cross(self, step: float, layer, out: torch.Tensor) -> None:
         if step < self.start:
             return
         nbytes = out.numel() * out.element_size()
         if self._fits(step, nbytes):
             self._keep(self.cross, (step, layer), out.detach().clone(), nbytes)
 
-    def wants_self(self, step: int, tokens: int) -> bool:
+    def wants_self(self, step: float, tokens: int) -> bool:
         h, w = self.latent_hw
         return self.start <= step < self.self_until and tokens <= math.ceil(h / 4) * math.ceil(w / 4)
 
-    def record_self(self, step: int, layer, q: torch.Tensor, k: torch.Tensor) -> None:
+    def record_self(self, step: float, layer, q: torch.Tensor, k: torch.Tensor) -> None:
         nbytes = (q.numel() + k.numel()) * q.element_size()
         if self._fits(step, nbytes):
             self._keep(self.self_qk, (step, layer), (q.detach().clone(), k.detach().clone()), nbytes)
@@ -188,7 +212,7 @@ class LayoutStore:
         return self._maps / self._map_count
 
     def describe(self) -> str:
-        recorded = sorted({k[0] for k in self.cross})
+        recorded = sorted({int(k[0]) for k in self.cross})
         steps = f"steps {recorded[0] + 1}..{recorded[-1] + 1}" if recorded else "no steps"
         return (
             f"layout replay: cross-attention {steps} of {self.steps}, self-attention {len(self.self_qk)} layer-steps; "
@@ -196,6 +220,7 @@ class LayoutStore:
         )
 
     def free(self) -> None:
+        self.replayed.clear()
         self.cross.clear()
         self.self_qk.clear()
         self._step_bytes.clear()
@@ -242,7 +267,8 @@ class LayoutPatch:
             return self._attention(q, k, v, extra_options)
         if store.mode == RECORD and store.sigmas is None and extra_options.get("sample_sigmas") is not None:
             store.set_schedule(extra_options["sample_sigmas"])
-        step = store.step_of(extra_options.get("sigmas")) if extra_options.get("sigmas") is not None else None
+        sigma = extra_options.get("sigmas")
+        step = store.position_of(sigma) if sigma is not None else None
         if step is None:
             return self._attention(q, k, v, extra_options)
         if store.mode == RECORD:
@@ -275,6 +301,7 @@ class LayoutPatch:
         saved = table.get((step, self.key))
         if saved is None:
             return out
+        store.replayed.add(step)
         rows = _rows(extra_options, q.shape[0], lambda kind, uuid: uuid in store.replay_uuids)
         if rows is None:
             return out

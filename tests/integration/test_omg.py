@@ -71,15 +71,16 @@ def has_range(t):
     return bool(torch.isfinite(t).all()) and float(t.std()) > 1e-3
 
 
-def stage1(omg, model, clip, start=2, seed=3, steps=STEPS, words=(), budget=2**30, scene=SCENE):
+def stage1(omg, model, clip, start=2, seed=3, steps=STEPS, words=(), budget=2**30, scene=SCENE, sampler="euler"):
     store = omg["layout"].LayoutStore(start, steps, (H // 8, W // 8), seed, budget, list(words))
     pos, neg = encode(clip, scene), encode(clip, "blurry")
-    out = omg["stages"].run_stage1(model, pos, neg, latent(), seed, steps, 5.0, "euler", "normal", store,
+    out = omg["stages"].run_stage1(model, pos, neg, latent(), seed, steps, 5.0, sampler, "normal", store,
                                    disable_pbar=True)  # fmt: skip
     return store, pos, neg, out
 
 
-def stage2(omg, model, store, pos, neg, concepts, masks, seed=3, policy="front_to_back", stack=None, reuse=True):
+def stage2(omg, model, store, pos, neg, concepts, masks, seed=3, policy="front_to_back", stack=None, reuse=True,
+           sampler="euler", guider_out=None):  # fmt: skip
     import comfy.sample
     import comfy.samplers
 
@@ -93,8 +94,10 @@ def stage2(omg, model, store, pos, neg, concepts, masks, seed=3, policy="front_t
     guider.set_omg_conds(pos, neg, concepts)
     if not reuse:
         store.x_start = None  # sample the steps before the start again
+    if guider_out is not None:
+        guider_out.append(guider)
     noise = comfy.sample.prepare_noise(latent()["samples"], seed)
-    sampler = comfy.samplers.sampler_object("euler")
+    sampler = comfy.samplers.sampler_object(sampler)
     return guider.sample(noise, latent()["samples"], sampler, store.sigmas.float(), disable_pbar=True, seed=seed)
 
 
@@ -146,6 +149,68 @@ def test_starting_from_stage_one_latent_equals_sampling_stage_two_from_the_first
     again = stage2(omg, model, store2, pos, neg, [(cpos, cneg)], mask, stack=stack, reuse=False)
     assert has_range(reused) and (reused - first).abs().mean() > 1e-3, "the concept must change the picture"
     torch.testing.assert_close(reused, again, atol=1e-5, rtol=1e-5)
+
+
+def _cat_concept(comfy, clip, omg):
+    stack = lora_stack(comfy, ("omg_a.safetensors", "cat", ""))
+    cpos = omg["stages"].tag_rows(encode(clip, "a photo of a tabby cat"), 0)
+    cneg = omg["stages"].tag_rows(encode(clip, "blurry"), 0)
+    mask = torch.zeros(1, H, W)
+    mask[:, 16:80, 8:64] = 1.0
+    return stack, [(cpos, cneg)], mask
+
+
+def _inside(a, b, mask):
+    m = torch.nn.functional.interpolate(mask[None], size=a.shape[-2:], mode="nearest")[0]
+    return float(((a - b).abs() * m).sum() / (m.sum() * a.shape[1]))
+
+
+@pytest.mark.parametrize("sampler", ["dpm_2", "dpmpp_2s_ancestral"])
+def test_samplers_calling_the_model_between_steps_blend_and_replay_at_every_call(comfy, base, omg, sampler):
+    # dpm_2 / dpmpp_2s_ancestral evaluate the model at a sigma between two steps; those calls make the step's
+    # update, so they must be blended (and their global branch replayed) like the others (issue 26: a concept's
+    # effect inside its mask with dpm_2 was 0.05x its effect with euler)
+    model, clip, _ = base
+    stack, concepts, mask = _cat_concept(comfy, clip, omg)
+    effects = {}
+    for name in (sampler, "euler"):
+        store, pos, neg, first = stage1(omg, model, clip, sampler=name)
+        guiders: list = []
+        out = stage2(omg, model, store, pos, neg, concepts, mask, stack=stack, sampler=name, guider_out=guiders)
+        guider = guiders[0]
+        assert guider.calls > 0 and guider.blended == guider.calls, (name, guider.blended, guider.calls)
+        effects[name] = _inside(out, first, mask)
+        if name == sampler:
+            mid = {p for p in store.replayed if p != int(p)}
+            assert guider.calls > STEPS - store.start and mid, (guider.calls, sorted(store.replayed))
+            assert any(k[0] != int(k[0]) for k in store.cross), "stage 1 records the calls between steps too"
+    assert effects[sampler] > 0.5 * effects["euler"], effects
+
+
+def test_dpm_2_with_nothing_to_blend_reproduces_stage_one_through_the_mid_step_replay(comfy, base, omg):
+    model, clip, _ = base
+    stack, concepts, _ = _cat_concept(comfy, clip, omg)
+    store, pos, neg, first = stage1(omg, model, clip, sampler="dpm_2")
+    empty = stage2(omg, model, store, pos, neg, concepts, torch.zeros(1, H, W), stack=stack, sampler="dpm_2")
+    torch.testing.assert_close(empty, first, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "lms"])
+def test_multistep_samplers_continue_stage_one_exactly(comfy, base, omg, sampler):
+    # a sampler that builds on earlier steps cannot restart at the start step without its history: stage 2
+    # runs the whole schedule, unblended before the start, so nothing-to-blend gives stage 1 exactly
+    model, clip, _ = base
+    stack, concepts, mask = _cat_concept(comfy, clip, omg)
+    store, pos, neg, first = stage1(omg, model, clip, sampler=sampler)
+    guiders: list = []
+    empty = stage2(omg, model, store, pos, neg, concepts, torch.zeros(1, H, W), stack=stack, sampler=sampler,
+                   guider_out=guiders)  # fmt: skip
+    # float order only (the concept rows batched beside the scene's, over every step): measured 6.4e-5 with
+    # dpmpp_2m; restarted at the start step without its history it was 1.19 off
+    torch.testing.assert_close(empty, first, atol=2e-4, rtol=1e-4)
+    assert guiders[0].calls == STEPS and guiders[0].blended == STEPS - store.start
+    blended = stage2(omg, model, store, pos, neg, concepts, mask, stack=stack, sampler=sampler)
+    assert _inside(blended, first, mask) > 1e-3
 
 
 def test_batched_concept_rows_equal_a_pass_with_the_adapter_merged(comfy, base, omg):
