@@ -18,7 +18,7 @@ from ..samplers.lora_composer.preview import draw_attention_maps, pick_steps
 from ..samplers.mixofshow.sampling import REGIONAL_KEY
 from .common import CATEGORY_METHODS, NodeError, checked_inputs
 from .inputs import cfg_input, schedule_share_input
-from .mixofshow_regional import build_regional, regional_concept_inputs, regional_inputs
+from .mixofshow_regional import LORA_SCOPES, build_regional, regional_concept_inputs, regional_inputs
 
 _DEFAULTS = ComposerSettings()
 
@@ -123,6 +123,16 @@ class LoRAComposer(io.ComfyNode):
                     5.0,
                     0.05,
                 ),  # fmt: skip
+                io.Combo.Input(
+                    "lora_layers",
+                    options=list(LORA_SCOPES),
+                    default=LORA_SCOPES[1],
+                    optional=True,
+                    tooltip="Which of a concept's UNet LoRA layers act inside its box (scoped adapters). Cross-attention "
+                    "k, v and out, as the official code: the keys and values of the box prompt and the output "
+                    "projection of the box's result, with the base model's queries; its self-attention, query and "
+                    "feed-forward layers are not used. Every layer: all of them, inside the box.",
+                ),
             ],
             outputs=[
                 io.Guider.Output(display_name="GUIDER", tooltip="For SamplerCustomAdvanced."),
@@ -134,7 +144,8 @@ class LoRAComposer(io.ComfyNode):
     @checked_inputs(NAME)
     def execute(cls, model, clip, regions, global_prompt, global_negative, cfg, concepts=None, adapters="scoped",
                 enhancement=8.0, fill=2.0, region=10.0, step_size=20.0, refine_until=0.5, stop_when_loss_rises=True,
-                isolation=True, reinitialise=True, top_k_ratio=0.2, smoothing=0.5) -> io.NodeOutput:  # fmt: skip
+                isolation=True, reinitialise=True, top_k_ratio=0.2, smoothing=0.5,
+                lora_layers=LORA_SCOPES[1]) -> io.NodeOutput:  # fmt: skip
         settings = ComposerSettings(
             enhancement=float(enhancement), fill=float(fill), region=float(region), top_k_ratio=float(top_k_ratio),
             smooth_sigma=float(smoothing), step_size=float(step_size), refine_until=float(refine_until),
@@ -143,7 +154,8 @@ class LoRAComposer(io.ComfyNode):
         )  # fmt: skip
         if settings.refines and settings.top_k_ratio <= 0:
             raise NodeError(cls.NAME, "top_k_ratio must be above 0 (official 0.2).")
-        built = build_regional(cls.NAME, model, clip, regions, global_prompt, global_negative, concepts, adapters)
+        built = build_regional(cls.NAME, model, clip, regions, global_prompt, global_negative, concepts, adapters,
+                               lora_scope=lora_layers)  # fmt: skip
         side = built.positive[0][1][REGIONAL_KEY]
         prompt_tokens = [int(c.shape[-2]) for c in side.contexts]
         try:

@@ -44,6 +44,13 @@ ADAPTER_MODES = ("scoped", "merged", "already applied")
 # negative as written, "" when empty (TencentARC/Mix-of-Show, mixofshow/pipelines/
 # pipeline_regionally_t2iadapter.py:286-295; LoRA-Composer's region sampler does the same).
 EMPTY_BOX_NEGATIVES = ("empty, as the official code", "the global negative")
+# Which of a concept's UNet LoRA layers act inside its box (scoped mode). Every layer (Mix-of-Show, whose official
+# sampler runs a fused model: every layer carries every concept), or only the box's cross-attention: keys and
+# values of the box prompt and the output projection of the box's result, with the base model's queries, as
+# official LoRA-Composer does (Young98CN/LoRA_Composer region_lora/multi_lora_sample.py:315 base to_q, :343-347
+# the concept's to_k/to_v, :299 the concept's to_out; the optimized_version branch the same).
+LORA_SCOPES = ("every layer", "cross-attention k, v and out")
+_ATTN2_OUT = re.compile(r"\.attn2\.to_out\.0$")
 _ATTN2_KV = re.compile(r"\.attn2\.to_[kv]$")
 
 
@@ -169,11 +176,14 @@ class RegionalBuild:
 
 
 def build_regional(node, model, clip, regions, global_prompt, global_negative, concepts=None, adapters="scoped",
-                   region_weights="", empty_box_negative=EMPTY_BOX_NEGATIVES[0]) -> RegionalBuild:  # fmt: skip
+                   region_weights="", empty_box_negative=EMPTY_BOX_NEGATIVES[0],
+                   lora_scope=LORA_SCOPES[0]) -> RegionalBuild:  # fmt: skip
     """Mix-of-Show regional sampling on a clone of ``model``: adapters, encodings, the regional attention."""
     stack = concepts if concepts is not None else ConceptStack()
     if adapters not in ADAPTER_MODES:
         raise NodeError(node, f"adapters is {adapters!r}; choose one of {', '.join(ADAPTER_MODES)}.")
+    if lora_scope not in LORA_SCOPES:
+        raise NodeError(node, f"the LoRA scope is {lora_scope!r}; choose one of {', '.join(LORA_SCOPES)}.")
     if empty_box_negative not in EMPTY_BOX_NEGATIVES:
         raise NodeError(
             node, f"empty_box_negative is {empty_box_negative!r}; choose one of {', '.join(EMPTY_BOX_NEGATIVES)}."
@@ -189,7 +199,7 @@ def build_regional(node, model, clip, regions, global_prompt, global_negative, c
         for concept in stack:  # SD1.5 vs SDXL: refused by name before anything is applied
             if concept.kind == "edlora" and adapters != "already applied" and not concept.fused:
                 check_compatible(model, clip, concept.adapter, concept.source)
-        kv_factors = _apply_unet_adapters(node, clone, stack, plans, masks, adapters)
+        kv_factors = _apply_unet_adapters(node, clone, stack, plans, masks, adapters, lora_scope == LORA_SCOPES[1])
         pos_side, neg_side, positive, negative, region_clips = _encode_all(
             clip, stack, plans, global_prompt, global_negative, adapters, empty_box_negative == EMPTY_BOX_NEGATIVES[1]
         )
@@ -215,8 +225,11 @@ def build_regional(node, model, clip, regions, global_prompt, global_negative, c
     return RegionalBuild(clone, positive, negative, preview, plans, region_clips, layout, stack)
 
 
-def _apply_unet_adapters(node, clone, stack, plans, masks, mode) -> tuple[dict, ...]:
-    """Put the concepts' UNet adapters on ``clone``; return each region's cross-attention k/v factors (scoped)."""
+def _apply_unet_adapters(node, clone, stack, plans, masks, mode, cross_attention_only=False) -> tuple[dict, ...]:
+    """Put the concepts' UNet adapters on ``clone``; return each region's cross-attention k/v factors (scoped).
+
+    ``cross_attention_only``: in scoped mode only the cross-attention's k/v (on the box prompt) and output
+    projection act; every other layer of the LoRA is left out (LORA_SCOPES)."""
     kv_factors: list[dict] = [{} for _ in plans]
     if mode == "already applied" or not len(stack):
         return tuple(kv_factors)
@@ -248,6 +261,8 @@ def _apply_unet_adapters(node, clone, stack, plans, masks, mode) -> tuple[dict, 
         resolved = resolve_concept(clone, concept)
         kv = {p: f for p, f in resolved.factors.items() if _ATTN2_KV.search(p)}
         rest = {p: f for p, f in resolved.factors.items() if p not in kv}
+        if cross_attention_only:
+            rest = {p: f for p, f in rest.items() if _ATTN2_OUT.search(p)}
         owned = [p.index for p in plans if ci in p.concepts]
         for r in owned:
             for path, f in kv.items():

@@ -99,7 +99,8 @@ def map_loss(lc, guider, step):
 def test_with_every_constraint_off_the_guider_is_mixofshow_regional_sampling(comfy, base):
     model, clip, _ = base
     steps = 3  # exactness holds at any step count; 3 keeps the three runs short
-    guider, _ = composer(comfy, model, clip, **OFF)
+    every = dict(lora_layers="every layer")  # as Mix-of-Show Regional scopes them
+    guider, _ = composer(comfy, model, clip, **OFF, **every)
     ours = run(guider, steps=steps)
     mos = comfy.node_class("MultiConceptMixOfShowRegional")
     m, pos, neg, _ = mos.execute(model, clip, regions_of(comfy, [LEFT, RIGHT]), GLOBAL, "blurry",
@@ -111,10 +112,42 @@ def test_with_every_constraint_off_the_guider_is_mixofshow_regional_sampling(com
     assert torch.isfinite(ours).all() and float(ours.std()) > 0.05
     assert torch.equal(ours, theirs)
     # and the step size 0 alone gives the same too (no probe passes), with the maps still recorded
-    guider, _ = composer(comfy, model, clip, step_size=0.0, isolation=False, reinitialise=False)
+    guider, _ = composer(comfy, model, clip, step_size=0.0, isolation=False, reinitialise=False, **every)
     assert torch.equal(run(guider, steps=steps), theirs)
     assert sorted(guider.state.history) == list(range(steps))
     assert all(r.maps for r in guider.state.history.values())
+
+
+def _cat_variant(comfy, name, zero):
+    """lc_cat.pth with the UNet LoRA layers ``zero(key)`` picks switched off (their up factors zero)."""
+    data = official_edlora(words=("<cat1>", "<cat2>"), seed=41, lora_scale=0.05, te_modules=SHALLOW_TE)
+    unet = data["params"]["unet"]
+    for key in [k for k in unet if k.endswith("lora_up.weight") and zero(k)]:
+        unet[key] = torch.zeros_like(unet[key])
+    torch.save(data, comfy.models_dir / "loras" / name)
+
+
+def test_the_official_scope_uses_only_the_box_cross_attention_keys_values_and_output(comfy, base):
+    # official LoRA-Composer: base to_q (region_lora/multi_lora_sample.py:315), the concept's to_k/to_v on the
+    # box prompt (:343-347) and its to_out on the box result (:299); self-attention and to_q LoRA never act
+    model, clip, _ = base
+    _cat_variant(comfy, "lc_cat_kv_out.pth", lambda k: ".attn1." in k or ".attn2.to_q." in k)
+    _cat_variant(comfy, "lc_cat_no_kv.pth", lambda k: ".attn2.to_k." in k or ".attn2.to_v." in k)
+    _cat_variant(comfy, "lc_cat_no_out.pth", lambda k: ".attn2.to_out." in k)
+    node = comfy.node_class("MultiConceptStackEDLoRA")
+
+    def picture(cat, **kw):
+        stack = node.execute(cat, 0.7, 0.7, "cat").result[0]
+        stack = node.execute("lc_dog.pth", 0.7, 0.7, "dog", concepts=stack).result[0]
+        return run(composer(comfy, model, clip, concepts=stack, **OFF, **kw)[0], steps=2)
+
+    full = picture("lc_cat.pth")
+    assert torch.isfinite(full).all() and float(full.std()) > 0.05
+    assert torch.equal(picture("lc_cat_kv_out.pth"), full)  # attn1 and attn2.to_q LoRA: unused
+    assert not torch.equal(picture("lc_cat_no_kv.pth"), full)
+    assert not torch.equal(picture("lc_cat_no_out.pth"), full)
+    every = dict(lora_layers="every layer")  # the option: every layer acts inside the box
+    assert not torch.equal(picture("lc_cat_kv_out.pth", **every), picture("lc_cat.pth", **every))
 
 
 # ---------------------------------------------------------------------------------------- latent steps
@@ -186,22 +219,29 @@ def test_isolation_in_the_models_own_self_attention_layers(comfy, base, lc):
     keys/values); on a real layer's q/k/v the output is the dense masked softmax, and values inside the
     other box never reach a box's queries."""
     model, clip, _ = base
-    guider, _ = composer(comfy, model, clip, step_size=0.0, reinitialise=False)
-    pack = pack_of(guider)
-    m = guider.model_patcher
-    attn1 = m.model_options["transformer_options"]["patches_replace"]["attn1"]
-    layers = pack.self_attention_layers(m.model.diffusion_model)
-    assert set(attn1) == set(layers)
-    scoped_layers = 0
-    for patch in attn1.values():
-        assert isinstance(patch, pack.IsolationAttention) and patch.capture
-        chain = [patch]
-        while getattr(chain[-1], "inner", None) is not None:
-            chain.append(chain[-1].inner)
-        isolating = [p for p in chain if isinstance(p, pack.IsolationAttention) and p.isolate]
-        assert len(isolating) == 1 and isolating[0].inner is None
-        scoped_layers += type(chain[1]).__name__ == "ScopedAttention" if len(chain) > 1 else 0
-    assert scoped_layers > 0  # the ED-LoRAs carry attn1 k/v LoRA: the scoped patch sits between
+
+    def self_attention_chains(guider):
+        pack = pack_of(guider)
+        m = guider.model_patcher
+        attn1 = m.model_options["transformer_options"]["patches_replace"]["attn1"]
+        layers = pack.self_attention_layers(m.model.diffusion_model)
+        assert set(attn1) == set(layers)
+        scoped_layers = 0
+        for patch in attn1.values():
+            assert isinstance(patch, pack.IsolationAttention) and patch.capture
+            chain = [patch]
+            while getattr(chain[-1], "inner", None) is not None:
+                chain.append(chain[-1].inner)
+            isolating = [p for p in chain if isinstance(p, pack.IsolationAttention) and p.isolate]
+            assert len(isolating) == 1 and isolating[0].inner is None
+            scoped_layers += type(chain[1]).__name__ == "ScopedAttention" if len(chain) > 1 else 0
+        return pack, m, attn1, layers, scoped_layers
+
+    # the official scope uses no self-attention LoRA: nothing sits between capture and isolation
+    assert self_attention_chains(composer(comfy, model, clip, step_size=0.0, reinitialise=False)[0])[-1] == 0
+    guider, _ = composer(comfy, model, clip, step_size=0.0, reinitialise=False, lora_layers="every layer")
+    pack, m, attn1, layers, scoped_layers = self_attention_chains(guider)
+    assert scoped_layers > 0  # the ED-LoRAs carry attn1 k/v LoRA: with every layer, the scoped patch sits between
     key = layers[0]
     inner = attn1[key]
     captured = {}
