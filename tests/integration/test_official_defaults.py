@@ -118,3 +118,19 @@ def test_omg_samples_each_concept_at_the_official_strength(comfy, node_id):
     stages = comfy.pack_module("samplers.omg.stages")
     assert stages.OFFICIAL_STRENGTH == 0.8
     assert widget_default(comfy, node_id, "strengths") == "0.8, as the official OMG"
+
+
+# ------------------------------------------------------------------------------------------ LoRA-Composer
+
+
+def test_lora_composer_defaults_are_the_official_code(comfy):
+    # Young98CN/LoRA_Composer @a48a5a5, region_lora/multi_lora_sample.py unless named
+    node = "MultiConceptLoRAComposer"
+    # :315 base to_q, :343-347 the concept's to_k/to_v on the box prompt, :299 its to_out on the box result
+    assert widget_default(comfy, node, "lora_layers") == "cross-attention k, v and out"
+    assert widget_default(comfy, node, "top_k_ratio") == pytest.approx(0.2)  # :39, :835
+    assert widget_default(comfy, node, "smoothing") == pytest.approx(0.5)  # :832 sigma=0.5
+    assert widget_default(comfy, node, "step_size") == pytest.approx(20.0)  # :801 lr = 20 * sqrt(scale_range[i])
+    assert widget_default(comfy, node, "region") == pytest.approx(10.0)  # :104 10 * fg_bg_self_att
+    assert widget_default(comfy, node, "fill") == pytest.approx(2.0)  # :95-96 2 * l1_loss per projection
+    assert widget_default(comfy, node, "cfg") == pytest.approx(7.5)  # inference/region_lora_sample.py:24
