@@ -18,7 +18,9 @@ margin). Configurations, interleaved per repeat, each a whole sampling run of ``
   re-initialisation (one more positive pass);
 * lora-composer x2 every latent step: the same without the stopping rule (the worst case: a latent step at
   every step up to half of the schedule);
-* lora-composer x2 isolation only: no latent steps, no re-initialisation.
+* lora-composer x2 isolation only: no latent steps, no re-initialisation;
+* lora-composer x2 every layer: the defaults with each concept's whole LoRA inside its box (``lora_layers``
+  "every layer") instead of the official cross-attention k/v/out.
 
 Checks, before a run's time counts (benchmarks/harness.py ``check_did_work``): every final latent is finite and
 not flat, and every configuration but plain changes plain's inside the first concept's box. The UNet rows each
@@ -127,6 +129,7 @@ def main() -> int:
         "lora-composer x2": composer(),
         "lora-composer x2 every latent step": composer(stop_when_loss_rises=False),
         "lora-composer x2 isolation only": composer(step_size=0.0, reinitialise=False),
+        "lora-composer x2 every layer": composer(lora_layers="every layer"),
     }
     # every configuration's model counts the UNet rows it runs
     configs, counters = harness.counted_configs(makers, model, args.only, parser)
@@ -169,6 +172,8 @@ def main() -> int:
         add_ratio("lora_composer_time_ratio_every_latent_step", "lora-composer x2 every latent step")
     if "lora-composer x2 isolation only" in ratio:
         add_ratio("lora_composer_isolation_only_ratio", "lora-composer x2 isolation only")
+    if "lora-composer x2 every layer" in ratio:
+        add_ratio("lora_composer_every_layer_ratio", "lora-composer x2 every layer")
     figures.add_peak_memory("lora_composer_bench_peak_rss")
     figures.print(args.figures)
     return 0
