@@ -253,7 +253,8 @@ def _guider(node, model, clip, stack, layout: OMGLayout, overlap, regions, sam, 
             )
         boxes = attention_boxes(store, width, height, mask_threshold)
     if given_masks is None:
-        masks, refined = masks_from_boxes(boxes, width, height, layout.image, sam)
+        # the user's boxes bound their masks; boxes found from attention only prompt SAM (official)
+        masks, refined = masks_from_boxes(boxes, width, height, layout.image, sam, keep_in_box=regions is not None)
     preview = mask_preview(layout.image, masks, boxes, with_labels(everyone), width, height)
     _fits_latent(masks, lat_h, lat_w)
 

@@ -185,15 +185,21 @@ def attention_boxes(store: LayoutStore, width: int, height: int, threshold: floa
     return [(x0 * width, y0 * height, x1 * width, y1 * height) for x0, y0, x1, y1 in fractions]
 
 
-def masks_from_boxes(boxes, width: int, height: int, image: torch.Tensor | None, sam) -> tuple[torch.Tensor, bool]:
-    """``[N, H, W]``: SAM masks on ``image`` inside each box when a SAM model is given, else the boxes."""
+def masks_from_boxes(boxes, width: int, height: int, image: torch.Tensor | None, sam,
+                     keep_in_box: bool = True) -> tuple[torch.Tensor, bool]:  # fmt: skip
+    """``[N, H, W]``: SAM masks on ``image`` for each box when a SAM model is given, else the boxes.
+
+    ``keep_in_box``: cut each SAM mask at its box (boxes the user drew). Off for boxes found automatically: the
+    official code keeps the SAM mask whole (kongzhecn/OMG inference_lora.py:91-126, the detector's box only prompts
+    SAM), so a box that caught only a head still gives the whole person."""
     from ..regions.layout import box_mask
     from ..regions.sam import keep_inside_box, masks_for_boxes
 
     if sam is not None and image is not None:
         model = sam.load() if hasattr(sam, "load") else sam
         masks, _ = masks_for_boxes(model, image[0], [list(b) for b in boxes])
-        masks = torch.stack([keep_inside_box(m, b) for m, b in zip(masks, boxes, strict=True)])
+        if keep_in_box:
+            masks = torch.stack([keep_inside_box(m, b) for m, b in zip(masks, boxes, strict=True)])
         empty = [i for i, m in enumerate(masks) if float(m.max()) <= 0]
         for i in empty:  # SAM found nothing in this box: the box itself
             masks[i] = box_mask(boxes[i], height, width)

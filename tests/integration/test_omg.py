@@ -554,3 +554,19 @@ def test_a_concepts_box_negative_is_its_own_negative_prompt(comfy, base, omg):
 
     assert torch.equal(negative_of(0), encode(clip, "extra legs, lowres")[0][0])  # its box's negative
     assert torch.equal(negative_of(1), encode(clip, "blurry")[0][0])  # no box negative: the node's
+
+
+def test_automatic_masks_keep_sams_mask_whole_boxes_the_user_drew_bound_it(comfy, omg, monkeypatch):
+    # official OMG: the detector's box only prompts SAM, whose mask is kept whole (inference_lora.py:91-126): an
+    # attention box that caught only a head must still give the whole figure; a box the user drew bounds its mask
+    sam = comfy.pack_module("samplers.regions.sam")
+    whole = torch.zeros(1, H, W)
+    whole[:, 8:90, 4:70] = 1.0  # the figure SAM finds, larger than the box below
+
+    monkeypatch.setattr(sam, "masks_for_boxes", lambda model, image, boxes: (whole.clone(), None))
+    box = (20.0, 10.0, 50.0, 40.0)  # a head-sized box inside the figure
+    image = torch.rand(1, H, W, 3)
+    automatic, refined = omg["stages"].masks_from_boxes([box], W, H, image, object(), keep_in_box=False)
+    assert refined and torch.equal(automatic, whole)
+    drawn, _ = omg["stages"].masks_from_boxes([box], W, H, image, object())
+    assert float(drawn.sum()) < float(whole.sum()) and float(drawn[:, 50:, :].max()) == 0.0
