@@ -64,7 +64,10 @@ def model_family_name(model_patcher) -> str:
 
 
 def clip_family_name(clip) -> str:
-    name = type(clip.cond_stage_model).__name__
+    encoder = clip.cond_stage_model
+    while hasattr(encoder, "vocabulary") and hasattr(encoder, "base"):  # the concept-word wrapper (edlora.clip)
+        encoder = encoder.base
+    name = type(encoder).__name__
     return CLIP_FAMILIES.get(name, name)
 
 

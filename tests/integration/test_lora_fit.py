@@ -189,6 +189,19 @@ def test_a_text_part_for_another_clip_is_refused_where_prompts_are_encoded(comfy
         node.execute(model, clip, regions(comfy), "a cat and a dog", "", concepts=stack, adapters="merged")
 
 
+def test_the_clip_family_is_named_when_the_clip_knows_concept_words(comfy, tiny_models, files):
+    # with an ED-LoRA in the stack the CLIP is wrapped to know its words; the message still names SD1.5
+    from tests.support.builders.edlora import official_edlora
+
+    torch.save(official_edlora(seed=77), comfy.models_dir / "loras" / "fit_concept.pth")
+    stack = comfy.node_class("MultiConceptStackEDLoRA").execute("fit_concept.pth", 0.7, 0.7, "").result[0]
+    stack = comfy.node_class("MultiConceptStackLoRA").execute("fit_sdxl_text.safetensors", 0.8, 0.8, "",
+                                                              concepts=stack, trigger_words="zqb").result[0]  # fmt: skip
+    node = comfy.node_class("MultiConceptResponseWeightedMix")
+    with pytest.raises(ValueError, match="only 1 of its 2 layers match this SD1.5 CLIP"):
+        node.execute(tiny_models[0], tiny_models[1], stack, "a photo of <cat1> <cat2> and zqb")
+
+
 def test_response_weighted_mix_refuses_it(comfy, tiny_models, files):
     node = comfy.node_class("MultiConceptResponseWeightedMix")
     model, clip = tiny_models[:2]
