@@ -142,6 +142,15 @@ def _check(source: str, family: str, part: str, hint, tensors: dict, patches: di
         )
 
 
+def _load_part(source: str, family: str, part: str, hint, tensors: dict, key_map: dict, state: dict) -> dict:
+    """One part's ComfyUI patches (``comfy.lora.load_lora``), after checking that every layer fits."""
+    import comfy.lora
+
+    patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    _check(source, family, part, hint, tensors, patches, key_map, state)
+    return patches
+
+
 def lora_patches(tensors: dict, source: str, model_patcher=None, clip=None) -> LoRAPatches:
     """The LoRA's UNet part on ``model_patcher`` and text part on ``clip`` (each when given), as ComfyUI patches.
 
@@ -155,16 +164,12 @@ def lora_patches(tensors: dict, source: str, model_patcher=None, clip=None) -> L
     unet: dict = {}
     text: dict = {}
     if model_patcher is not None and unet_t:
-        family = model_family_name(model_patcher)
         key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
-        unet = comfy.lora.load_lora(unet_t, key_map, log_missing=False)
-        state = model_patcher.model.state_dict()
-        _check(source, family, "MODEL", hint, unet_t, unet, key_map, state)
+        unet = _load_part(source, model_family_name(model_patcher), "MODEL", hint, unet_t, key_map,
+                          model_patcher.model.state_dict())  # fmt: skip
     if clip is not None and text_t:
-        family = clip_family_name(clip)
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
-        text = comfy.lora.load_lora(text_t, key_map, log_missing=False)
-        state = clip.cond_stage_model.state_dict()
-        _check(source, family, "CLIP", hint, text_t, text, key_map, state)
+        text = _load_part(source, clip_family_name(clip), "CLIP", hint, text_t, key_map,
+                          clip.cond_stage_model.state_dict())  # fmt: skip
     text_layers = len({layer_of(k) for k in text_t if not k.endswith(".alpha")})
     return LoRAPatches(unet=unet, text=text, text_layers=text_layers)
