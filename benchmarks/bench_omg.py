@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import harness  # noqa: E402
+from benchmarks.sdxl_layout import START, STEPS, record_sdxl  # noqa: E402
 
 SCENE = "a photo of a man, a woman, a dog and a cat in a garden"
 NEGATIVE = "blurry, lowres"
@@ -193,6 +194,10 @@ def main() -> int:
     if crop_change == crop_change:
         figures.add("omg_crop_change", crop_change)
     figures.add("omg_layout_store", store_bytes.get(2, 0) / 2**20, unit="MiB")
+    # the official SDXL run's replay at 1024x1024, fp16, at the default budget (meta tensors: no memory used)
+    sdxl = record_sdxl(layout.LayoutStore, layout.DEFAULT_BUDGET_MB)
+    figures.add("omg_sdxl_layout_store", sdxl.needed / 2**20, unit="MiB")
+    figures.add("omg_sdxl_replayed_steps", len({k[0] for k in sdxl.cross}), target=STEPS - START, better="higher")
     figures.add_peak_memory("omg_bench_peak_rss")
     figures.print(args.figures)
     return 0

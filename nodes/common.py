@@ -97,6 +97,11 @@ class NodeProgress:
             _progress_text(self.node_id, text)
 
 
+def show_text(text: str) -> None:
+    """A line of text on the running node (where a server shows it), e.g. a warning the user should see."""
+    _progress_text(_executing_node_id(), text)
+
+
 def _executing_node_id():
     try:
         from comfy_execution.utils import get_executing_context

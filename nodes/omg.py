@@ -17,7 +17,7 @@ from ..samplers.mixofshow.encoding import concept_clip, encode
 from ..samplers.mixofshow.plan import RegionalPlanError
 from ..samplers.omg.blend import POLICIES, resize_masks
 from ..samplers.omg.guider import OMGGuider, is_memoryless
-from ..samplers.omg.layout import LayoutError, LayoutStore
+from ..samplers.omg.layout import DEFAULT_BUDGET_MB, LayoutError, LayoutStore
 from ..samplers.omg.stages import (
     STRENGTHS,
     ModelConcept,
@@ -37,7 +37,7 @@ from ..samplers.omg.stages import (
     with_labels,
 )
 from ..samplers.scoped_lora.adapters import ScopedLoRAError
-from .common import CATEGORY_METHODS, ConceptStackType, NodeError, checked_inputs
+from .common import CATEGORY_METHODS, ConceptStackType, NodeError, checked_inputs, show_text
 from .inputs import cfg_input, prompt_input, sampler_name_input, sampling_steps_input, scheduler_input, seed_input
 from .regions import RegionsType
 from .sam import SamModelType
@@ -98,12 +98,15 @@ def _stage1_inputs(with_concepts_required: bool) -> list:
 def _layout_memory_input():
     return io.Int.Input(
         "layout_memory_mb",
-        default=1024,
+        default=DEFAULT_BUDGET_MB,
         min=0,
-        max=65536,
+        max=262144,
         optional=True,
-        tooltip="Memory for stage 1's attention replay (SD1.5 at 512 px: about 22 MB per step in fp16; SDXL at 1024 px: "
-        "about 210 MB). Past it, the last steps are not replayed. 0: no replay.",
+        tooltip="Memory for stage 1's attention replay, kept in host memory (not the GPU's). Per blended step in "
+        "fp16: SD1.5 at 512 px about 22 MB; SDXL at 1024 px about 210 MB, 525 MB in the first few. The official SDXL "
+        "run (50 steps) needs about 8.4 GB, which the default holds; it takes only what the run needs. Past the "
+        "budget (or when host memory runs low) the last steps are not replayed and the node says so, with what a "
+        "full replay needs. 0: no replay.",
     )
 
 
@@ -204,9 +207,14 @@ def _stage1(node, model, clip, vae, stack, latent_image, seed, steps, cfg, sampl
     word_tokens = class_word_tokens(clip, scene_prompt, list(stack)) if need_words else []
     positive = encode(clip, scene_prompt)
     negative_c = encode(clip, negative or "")
-    store = LayoutStore(start_step, steps, (lat_h, lat_w), seed, int(layout_memory_mb) * 2**20, word_tokens)
+    import comfy.model_management
+
+    keep_on = comfy.model_management.intermediate_device()  # host memory: the replay never takes GPU memory
+    store = LayoutStore(start_step, steps, (lat_h, lat_w), seed, int(layout_memory_mb) * 2**20, word_tokens, keep_on)
     run_stage1(model, positive, negative_c, latent_image, seed, steps, cfg, sampler_name, scheduler, store,
                callback=progress, disable_pbar=progress is not None)  # fmt: skip
+    if store.cut_message():
+        show_text(store.cut_message())
     image = vae.decode(store.final[:1])
     return OMGLayout(store, scene_prompt, negative or "", positive, negative_c, image, float(cfg))
 
@@ -382,7 +390,7 @@ class OMG(io.ComfyNode):
     def execute(cls, model, clip, vae, concepts, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 scene_prompt, negative, start=0.32, overlap="front_to_back", regions=None, sam=None,
                 concept_prompts="", crop_concepts=False, mask_threshold=0.4, model_concepts=None,
-                layout_memory_mb=1024, masks=None, strengths=STRENGTHS[0]) -> io.NodeOutput:  # fmt: skip
+                layout_memory_mb=DEFAULT_BUDGET_MB, masks=None, strengths=STRENGTHS[0]) -> io.NodeOutput:  # fmt: skip
         import comfy.utils
 
         stack, extra = _need_concepts(cls.NAME, concepts, model_concepts, strengths)
@@ -437,7 +445,7 @@ class OMGStage1(io.ComfyNode):
     @classmethod
     @checked_inputs(NAME)
     def execute(cls, model, clip, vae, latent_image, seed, steps, cfg, sampler_name, scheduler, scene_prompt,
-                negative, start=0.32, concepts=None, model_concepts=None, layout_memory_mb=1024) -> io.NodeOutput:  # fmt: skip
+                negative, start=0.32, concepts=None, model_concepts=None, layout_memory_mb=DEFAULT_BUDGET_MB) -> io.NodeOutput:  # fmt: skip
         try:
             stack = list(concepts or ()) + list(model_concepts or ()) or None
             if stack is not None and not all(c.class_word.strip() for c in stack):

@@ -15,11 +15,17 @@ that it samples again next to stage 2, which doubles the global rows; we record 
 
 Before the start step nothing needs replaying: stage 2 reuses stage 1's latent there.
 
-Memory: at most ``budget_bytes`` (the node's ``layout_memory_mb``). Recording goes step by step; the first
-step that would not fit is dropped whole with every later one, so the replay covers the earliest blended
-steps (those that set the layout) and the log says where it stopped. SD1.5 at 512x512 needs about 22 MB per
-step in fp16 (44 in fp32; measured 11.8 MiB at 256x256 in fp32) plus a little for self-attention; SDXL at
-1024x1024 about 210 MB per step. The store lives on the model's device until the node that made it is gone; ``free()`` drops it.
+Memory: at most ``budget_bytes`` (the node's ``layout_memory_mb``), kept on ``keep_on`` (the nodes pass
+ComfyUI's intermediate device: host memory, so the replay never competes with the model for GPU memory), in
+the attention's own dtype (fp16 on a GPU). Recording goes step by step; the first step that would not fit (in
+the budget, or in the host memory left) is dropped whole with every later one, so the replay covers the
+earliest blended steps (those that set the layout); ``cut_message()`` then says so, with the memory a full
+replay needs (``needed`` keeps counting past the cut). Per blended step in fp16: SD1.5 at 512x512 about 22 MB
+(cross-attention), plus 8 MB while self-attention is kept; SDXL at 1024x1024 about 210 MB, plus 315 MB while
+self-attention is kept (the 32x32 layers' queries and keys). The official SDXL run (50 steps, start 0.32: 34
+blended steps, 4 with self-attention) needs about 8.4 GB, which the default budget (16 GiB) holds: every
+blended step is replayed (tests/unit/test_omg_layout_budget.py counts it at the real SDXL shapes). ``free()``
+drops the store.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from ..attention_patches import chained_attention
 
 log = logging.getLogger("multiconcept")
 
+DEFAULT_BUDGET_MB = 16384  # holds the official SDXL run's full replay (about 8.4 GB in fp16, 16.8 in fp32)
+HOST_RESERVE = 2 * 2**30  # host memory left free when the store is kept there
 SELF_UNTIL = 0.4  # self-attention is replayed until this fraction of the schedule (official: 20 of 50 steps)
 RECORD, REPLAY, OFF = "record", "replay", "off"
 
@@ -60,7 +68,8 @@ class LayoutStore:
     ``word_tokens``  token positions (into the 77-token chunks of the global prompt) whose maps to keep.
     """
 
-    def __init__(self, start: int, steps: int, latent_hw, seed: int | None, budget_bytes: int, word_tokens=()):
+    def __init__(self, start: int, steps: int, latent_hw, seed: int | None, budget_bytes: int, word_tokens=(),
+                 keep_on=None):  # fmt: skip
         if steps < 2 or not 1 <= start < steps:
             raise LayoutError(
                 f"the blend must start after the first step and before the last (start {start} of {steps})"
@@ -71,6 +80,7 @@ class LayoutStore:
         self.latent_hw = tuple(int(s) for s in latent_hw)
         self.seed = seed
         self.budget_bytes = int(budget_bytes)
+        self.keep_on = torch.device(keep_on) if keep_on is not None else None  # None: where the attention runs
         self.word_tokens = list(word_tokens)
         self.mode = OFF
         self.sigmas: torch.Tensor | None = None  # the stage-1 schedule, float64 on the CPU
@@ -79,6 +89,8 @@ class LayoutStore:
         self.self_qk: dict = {}  # -> (q, k) [rows, Q, inner]
         self.bytes = 0
         self.stopped_at: int | None = None  # the first step not recorded (memory budget)
+        self.needed = 0  # bytes a full replay needs: counted past the cut too
+        self.cut_by_host: int | None = None  # host memory free (bytes) when it, not the budget, forced the cut
         self._step_bytes: dict[float, int] = {}
         self.replayed: set[float] = set()  # the positions stage 2 replayed at (what the tests count)
         self._maps: torch.Tensor | None = None  # [B, W, h, w] summed
@@ -142,27 +154,53 @@ class LayoutStore:
     # -- recording ------------------------------------------------------------------------------
 
     def _fits(self, step: float, nbytes: int) -> bool:
+        self.needed += nbytes
         if self.stopped_at is not None and step >= self.stopped_at:
             return False
-        if self.bytes + nbytes <= self.budget_bytes:
+        host = self._host_short(step)
+        if host is None and self.bytes + nbytes <= self.budget_bytes:
             return True
+        self.cut_by_host = host
         step = math.floor(step)  # drop this step whole, mid-step calls too: a half-replayed step mixes two layouts
         self.stopped_at = step
         for store in (self.cross, self.self_qk):
             for key in [k for k in store if k[0] >= step]:
                 del store[key]
         self.bytes -= sum(v for s, v in self._step_bytes.items() if s >= step)
-        if self.budget_bytes <= 0:
-            return False  # replay turned off (layout_memory_mb = 0)
-        log.warning(
-            "OMG: the layout memory budget (%d MiB) holds the replay of steps %d..%d of %d; later steps are not "
-            "replayed. Raise layout_memory_mb to replay them all.",
-            self.budget_bytes // 2**20,
-            self.start + 1,
-            math.ceil(step),
-            self.steps,
-        )
         return False
+
+    def _host_short(self, step: float) -> int | None:
+        """The host memory free (bytes) when keeping one more step there would leave less than ``HOST_RESERVE``;
+        None when there is room (or the store is not in host memory). Checked once per recorded position."""
+        if self.keep_on is None or self.keep_on.type != "cpu" or step in self._step_bytes:
+            return None
+        import psutil
+
+        free = int(psutil.virtual_memory().available)
+        per_step = max(self._step_bytes.values(), default=0)
+        return free if free < HOST_RESERVE + per_step else None
+
+    def cut_message(self) -> str | None:
+        """What the replay left out and what a full replay needs, or None when every blended step is kept."""
+        if self.stopped_at is None or self.budget_bytes <= 0:
+            return None  # whole, or replay turned off (layout_memory_mb = 0)
+        mib = 2**20
+        kept = f"steps {self.start + 1}..{self.stopped_at}" if self.stopped_at > self.start else "no step"
+        why = (
+            f"only {self.cut_by_host // mib} MiB of host memory was free"
+            if self.cut_by_host is not None
+            else f"layout_memory_mb is {self.budget_bytes // mib}"
+        )
+        return (
+            f"OMG: the layout replay holds {kept} of the blended steps {self.start + 1}..{self.steps} ({why}); "
+            f"later steps run without stage 1's attention and the layout may drift. A full replay needs "
+            f"{math.ceil(self.needed / mib)} MiB: raise layout_memory_mb to that"
+            + (" and free host memory." if self.cut_by_host is not None else ".")
+        )
+
+    def _kept(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of ``t`` where the store keeps it (never a view of the model's own buffers)."""
+        return t.detach().to(self.keep_on or t.device, copy=True)
 
     def _keep(self, table: dict, key, value, nbytes: int) -> None:
         table[key] = value
@@ -174,7 +212,7 @@ class LayoutStore:
             return
         nbytes = out.numel() * out.element_size()
         if self._fits(step, nbytes):
-            self._keep(self.cross, (step, layer), out.detach().clone(), nbytes)
+            self._keep(self.cross, (step, layer), self._kept(out), nbytes)
 
     def wants_self(self, step: float, tokens: int) -> bool:
         h, w = self.latent_hw
@@ -183,7 +221,7 @@ class LayoutStore:
     def record_self(self, step: float, layer, q: torch.Tensor, k: torch.Tensor) -> None:
         nbytes = (q.numel() + k.numel()) * q.element_size()
         if self._fits(step, nbytes):
-            self._keep(self.self_qk, (step, layer), (q.detach().clone(), k.detach().clone()), nbytes)
+            self._keep(self.self_qk, (step, layer), (self._kept(q), self._kept(k)), nbytes)
 
     def map_grid(self, tokens: int) -> tuple[int, int] | None:
         """The ``(h, w)`` of a layer with ``tokens`` positions if its maps are kept (1/2 and 1/4 of the side)."""
@@ -214,9 +252,10 @@ class LayoutStore:
     def describe(self) -> str:
         recorded = sorted({int(k[0]) for k in self.cross})
         steps = f"steps {recorded[0] + 1}..{recorded[-1] + 1}" if recorded else "no steps"
+        full = "" if self.stopped_at is None else f" (a full replay needs {self.needed / 2**20:.1f} MiB)"
         return (
             f"layout replay: cross-attention {steps} of {self.steps}, self-attention {len(self.self_qk)} layer-steps; "
-            f"{self.bytes / 2**20:.1f} MiB"
+            f"{self.bytes / 2**20:.1f} MiB{full}"
         )
 
     def free(self) -> None:
@@ -312,7 +351,8 @@ class LayoutPatch:
             q1, k1 = saved
             if q1.shape[0] != rows.numel() or q1.shape[1] != q.shape[1]:
                 return out
-            new = self._attention(q1.to(q.dtype), k1.to(k.dtype), v.index_select(0, rows), extra_options)
+            q1, k1 = q1.to(q.device, q.dtype), k1.to(k.device, k.dtype)
+            new = self._attention(q1, k1, v.index_select(0, rows), extra_options)
         if new.shape[0] != rows.numel() or new.shape[1:] != out.shape[1:]:
             return out  # another batch than stage 1's: leave the layer alone (stage 2 checks the latent)
         new = new.to(device=out.device, dtype=out.dtype)

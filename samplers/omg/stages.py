@@ -4,6 +4,7 @@ stage-2 model and prompts the guider samples with. The nodes call these; the mat
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from .blend import boxes_from_attention
 from .layout import OFF, RECORD, LayoutError, LayoutStore, install_layout_patches
 
 ROW_TAG = "omg:{i}"
+log = logging.getLogger("multiconcept")
 
 
 @dataclass
@@ -154,6 +156,8 @@ def run_stage1(model, positive, negative, latent: dict, seed: int, steps: int, c
     if store.sigmas is None or store.x_start is None:
         raise LayoutError("stage 1 did not reach the start step (a sampler that skips steps?)")
     store.final = out.detach().clone()
+    if store.cut_message():
+        log.warning(store.cut_message())
     return out
 
 

@@ -378,6 +378,8 @@ def test_the_memory_budget_keeps_the_earliest_steps(comfy, base, omg):
     kept = sorted({k[0] for k in small.cross})
     assert kept == list(range(small.start, small.start + len(kept))) and 1 <= len(kept) < STEPS - small.start
     assert small.stopped_at == kept[-1] + 1
+    assert small.needed == full.needed and f"needs {-(-full.needed // 2**20)} MiB" in small.cut_message()
+    assert full.cut_message() is None
 
 
 # ------------------------------------------------------------------------------------------ bad input
