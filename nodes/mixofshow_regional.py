@@ -21,6 +21,7 @@ from ..samplers.edlora.model import (
     check_compatible,
     unet_patches,
 )
+from ..samplers.mixofshow.control_weights import install_control_weights
 from ..samplers.mixofshow.encoding import concept_clip, encode, layer_contexts
 from ..samplers.mixofshow.plan import RegionalPlanError, concepts_in, parse_region_weights, plan_regions
 from ..samplers.mixofshow.sampling import (
@@ -128,6 +129,24 @@ class MixOfShowRegional(io.ComfyNode):
                     "gives such boxes the global negative, as the official example scripts do by writing it into "
                     "every box.",
                 ),
+                io.String.Input(
+                    "control_weights",
+                    default="",
+                    optional=True,
+                    tooltip="Optional: how strongly a ControlNet / T2I-Adapter applied to this node's outputs acts "
+                    "inside each box, by label ('cat=0.5, dog=1') or in box order ('0.5, 1'); 0 turns it off there "
+                    "(official Mix-of-Show's region_*_adaptor_weight). Empty: the same everywhere.",
+                ),
+                io.Float.Input(
+                    "control_weight_outside",
+                    default=1.0,
+                    min=0.0,
+                    max=10.0,
+                    step=0.05,
+                    optional=True,
+                    tooltip="The ControlNet's weight outside the boxes control_weights names (official "
+                    "*_adaptor_weight, 1.0).",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with regional cross-attention."),
@@ -154,9 +173,17 @@ class MixOfShowRegional(io.ComfyNode):
         adapters="scoped",
         region_weights="",
         empty_box_negative=EMPTY_BOX_NEGATIVES[0],
+        control_weights="",
+        control_weight_outside=1.0,
     ) -> io.NodeOutput:
+        try:
+            per_box = parse_region_weights(control_weights, regions, "control_weights", zero_ok=True, unset=None)
+        except RegionalPlanError as e:
+            raise NodeError(cls.NAME, str(e)) from None
         built = build_regional(cls.NAME, model, clip, regions, global_prompt, global_negative, concepts, adapters,
                                region_weights, empty_box_negative)  # fmt: skip
+        if any(w is not None for w in per_box) or float(control_weight_outside) != 1.0:
+            install_control_weights(built.model, built.layout.masks, per_box, float(control_weight_outside))
         return io.NodeOutput(built.model, built.positive, built.negative, built.preview)
 
 

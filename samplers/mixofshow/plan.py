@@ -62,23 +62,26 @@ def check_concept_words(text: str, where: str, stack: ConceptStack) -> None:
         )
 
 
-def parse_region_weights(text: str, regions: Regions) -> list[float]:
-    """``""`` -> all 1; ``"1, 1.5"`` -> per box in order; ``"cat=1.5, dog=0.8"`` -> by label (others 1)."""
+def parse_region_weights(text: str, regions: Regions, name: str = "region_weights", zero_ok: bool = False,
+                         unset: float | None = 1.0) -> list[float | None]:  # fmt: skip
+    """``""`` -> all ``unset``; ``"1, 1.5"`` -> per box in order; ``"cat=1.5, dog=0.8"`` -> by label (others
+    ``unset``). ``name`` is the input named in messages; ``zero_ok`` allows 0."""
     count = len(regions)
     text = (text or "").strip()
     if not text:
-        return [1.0] * count
+        return [unset] * count
     items = [t.strip() for t in re.split(r"[,;\n]", text) if t.strip()]
     labels = [r.label for r in regions.regions]
-    out = [1.0] * count
+    out = [unset] * count
 
     def number(s: str, what: str) -> float:
         try:
             v = float(s)
         except ValueError:
-            raise RegionalPlanError(f"region_weights: {what} is {s!r}, not a number") from None
-        if not (v > 0) or v != v or v == float("inf"):
-            raise RegionalPlanError(f"region_weights: {what} must be a positive number, got {s}")
+            raise RegionalPlanError(f"{name}: {what} is {s!r}, not a number") from None
+        if not (v > 0 or (zero_ok and v == 0)) or v != v or v == float("inf"):
+            kind = "a number from 0 up" if zero_ok else "a positive number"
+            raise RegionalPlanError(f"{name}: {what} must be {kind}, got {s}")
         return v
 
     if all("=" in t for t in items):
@@ -87,15 +90,15 @@ def parse_region_weights(text: str, regions: Regions) -> list[float]:
             picked = [i for i, lb in enumerate(labels) if lb == label]
             if not picked:
                 shown = ", ".join(f"'{lb}'" for lb in labels if lb) or "(no box has a label)"
-                raise RegionalPlanError(f"region_weights names '{label}', but no box has that label; labels: {shown}")
+                raise RegionalPlanError(f"{name} names '{label}', but no box has that label; labels: {shown}")
             for i in picked:
                 out[i] = number(value, f"the weight of '{label}'")
         return out
     if any("=" in t for t in items):
-        raise RegionalPlanError("region_weights: use either numbers in box order ('1, 1.5') or label=weight pairs")
+        raise RegionalPlanError(f"{name}: use either numbers in box order ('1, 1.5') or label=weight pairs")
     if len(items) != count:
         raise RegionalPlanError(
-            f"region_weights has {len(items)} number(s) but there are {count} boxes; give one per box, in order"
+            f"{name} has {len(items)} number(s) but there are {count} boxes; give one per box, in order"
         )
     return [number(t, f"weight {i + 1}") for i, t in enumerate(items)]
 

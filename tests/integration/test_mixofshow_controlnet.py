@@ -168,3 +168,53 @@ def test_the_controlnet_reads_the_global_prompt_not_the_region_prompts(comfy, gr
         # no row is a region's prompt or negative (the right box has none of its own: it uses the global one)
         own = [rc[0] for rc in regions if not torch.equal(rc[0], neg[0][0][0])]
         assert own and not any(torch.allclose(r, rc.to(r), atol=1e-4) for r in rows for rc in own)
+
+
+def official_map(boxes, weights, outside, fh, fw):
+    """The official spatial adaptor weight (Mix-of-Show pipeline_regionally_t2iadapter.py l. 492-511): ``outside``
+    everywhere, each box's weight on rows ceil(y0 * fh) .. floor(y1 * fh), columns likewise (later boxes win)."""
+    import math
+
+    out = torch.full((fh, fw), float(outside))
+    for box, w in zip(boxes, weights, strict=True):
+        y0, x0, y1, x1 = box["y"], box["x"], box["y"] + box["h"], box["x"] + box["w"]
+        out[math.ceil(y0 * fh) : math.floor(y1 * fh), math.ceil(x0 * fw) : math.floor(x1 * fw)] = w
+    return out
+
+
+def test_control_weights_scale_each_box_as_the_official_spatial_map(comfy, base, controlnet):
+    """What the UNet receives (an APPLY_MODEL wrapper inside the node's) is the ControlNet's residuals times the
+    official map at each residual's grid; weights of 1 change nothing, bit for bit."""
+    import importlib
+
+    apply_model = importlib.import_module("comfy.patcher_extension").WrappersMP.APPLY_MODEL
+    model, clip, _ = base
+    seen: dict[str, list] = {}
+
+    def run(weights, outside):
+        m, pos, neg, _ = regional(comfy, model, clip, [LEFT, RIGHT], control_weights=weights,
+                                  control_weight_outside=outside)  # fmt: skip
+        m = m.clone()
+        got = seen.setdefault(f"{weights}|{outside}", [])
+
+        def capture(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kw):
+            got.append([r.clone() for name in ("input", "middle", "output") for r in control[name] if r is not None])
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+
+        m.add_wrapper_with_key(apply_model, "test_capture", capture)
+        return sample(m, *apply_controlnet(controlnet, pos, neg), steps=1)
+
+    plain = run("", 1.0)
+    ones = run("cat=1, dog=1", 1.0)
+    assert torch.equal(plain[1], ones[1])
+    weighted = run("cat=0, dog=0.5", 2.0)
+    assert float((weighted[1] - plain[1]).abs().mean()) > 1e-3
+    before, after = seen["|1.0"][0], seen["cat=0, dog=0.5|2.0"][0]
+    assert len(before) == len(after) >= 12
+    for r0, r1 in zip(before, after, strict=True):
+        expected = r0 * official_map([LEFT, RIGHT], [0.0, 0.5], 2.0, *r0.shape[-2:])
+        torch.testing.assert_close(r1, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="^Mix-of-Show Regional: control_weights names 'horse'"):
+        regional(comfy, model, clip, [LEFT, RIGHT], control_weights="horse=1")
+    with pytest.raises(ValueError, match="control_weights: the weight of 'cat' must be a number from 0 up"):
+        regional(comfy, model, clip, [LEFT, RIGHT], control_weights="cat=nan")
