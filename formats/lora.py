@@ -80,7 +80,7 @@ def _is_scalar_setting(key: str, value: torch.Tensor) -> bool:
 
 # A cross-attention key/value projection's input width is the text width the model was trained with.
 _CROSS_ATTENTION_DOWN = re.compile(r"attn2[._](processor[._])?(to_)?k[._].*(lora_down|lora_A|[._]down)")
-_CONTEXT_WIDTHS = {768: "SD1.5", 1024: "SD2", 2048: "SDXL"}
+CONTEXT_WIDTHS = {768: "SD1.5", 1024: "SD2", 2048: "SDXL"}
 
 
 def family_hint(tensors: dict[str, torch.Tensor]) -> str | None:
@@ -96,5 +96,5 @@ def family_hint(tensors: dict[str, torch.Tensor]) -> str | None:
     if any(k.startswith(("lora_te2_", "text_encoder_2", "te2.", "te2_")) for k in keys):
         return "SDXL"
     widths = {int(v.shape[1]) for k, v in tensors.items() if v.ndim == 2 and _CROSS_ATTENTION_DOWN.search(k)}
-    found = {_CONTEXT_WIDTHS[w] for w in widths if w in _CONTEXT_WIDTHS}
+    found = {CONTEXT_WIDTHS[w] for w in widths if w in CONTEXT_WIDTHS}
     return found.pop() if len(found) == 1 else None

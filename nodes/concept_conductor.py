@@ -18,7 +18,9 @@ from ..samplers.concept_conductor.setup import build_guider, check_masks, mask_p
 from ..samplers.concept_stack.placement import concept_masks
 from ..samplers.concept_stack.stack import ConceptStackError
 from ..samplers.edlora.model import EDLoRAApplyError, model_family
+from ..samplers.mixofshow.encoding import encode
 from ..samplers.mixofshow.plan import RegionalPlanError
+from ..samplers.scene_conditioning import SceneConditioningError
 from ..samplers.scoped_lora.adapters import ScopedLoRAError
 from .common import CATEGORY_METHODS, ConceptStackType, NodeError, checked_inputs
 from .inputs import (
@@ -27,14 +29,18 @@ from .inputs import (
     prompt_input,
     sampler_name_input,
     sampling_steps_input,
+    scene_conditioning_inputs,
     schedule_share_input,
     scheduler_input,
     seed_input,
 )
 from .regions import RegionsType
-from .sampling import check_sampler_names, latent_output, sample_guider
+from .sampling import check_sampler_names, latent_output, sample_guider, scene_conds
 
-_ERRORS = (ConductorError, ScopedLoRAError, EDLoRAApplyError, RegionalPlanError, ConceptStackError)
+_ERRORS = (ConductorError, ScopedLoRAError, EDLoRAApplyError, RegionalPlanError, ConceptStackError,
+           SceneConditioningError)  # fmt: skip
+CONDITIONING_WHERE = ("the base branch and the reference run; its ControlNet / T2I-Adapter acts on the concepts' "
+                      "branches too (all branches are one batched call); they keep their own prompts")  # fmt: skip
 log = logging.getLogger("multiconcept")
 _D = ConductorSettings()
 SETTINGS_FOR = ("the model's family (official)", "as set here")
@@ -167,7 +173,7 @@ def _inputs_settings() -> list:
 def _conductor_inputs(head: list, reference) -> list:
     """A Concept Conductor node's inputs, in the order saved workflows rely on: the node's own first inputs, where
     the concepts go, the layout reference, the settings."""
-    return [*head, *_inputs_where(), reference, *_inputs_settings()]
+    return [*head, *_inputs_where(), reference, *_inputs_settings(), *scene_conditioning_inputs(CONDITIONING_WHERE)]
 
 
 def _conductor_outputs(first, masks_tooltip: str, preview_tooltip: str) -> list:
@@ -229,12 +235,16 @@ def _masks(node: str, stack, regions, masks, width: int, height: int) -> torch.T
 
 
 def _guider(node, model, clip, concepts, scene_prompt, negative, cfg, regions, masks, concept_prompts, settings,
-            width, height, reference_latent=None):  # fmt: skip
+            width, height, reference_latent=None, conditioning=(None, None)):  # fmt: skip
     stack = concepts
     m = _masks(node, stack, regions, masks, width, height)
     prompts = parse_prompts(concept_prompts, stack, scene_prompt, regions)
+    scene = None
+    if any(c is not None for c in conditioning):
+        own = encode(clip, scene_prompt or ""), encode(clip, negative or "")
+        scene = scene_conds(node, model, conditioning, *own, "the scene prompt")
     guider = build_guider(node, model, clip, stack, scene_prompt, negative, cfg, m, settings, prompts, reference_latent,
-                          size=(int(width), int(height)))  # fmt: skip
+                          size=(int(width), int(height)), scene=scene)  # fmt: skip
     return guider, m
 
 
@@ -291,7 +301,8 @@ class ConceptConductor(io.ComfyNode):
                 alignment_weight=_D.alignment_weight, alignment_end=_D.alignment_end,
                 alignment_every=_D.alignment_every, shape_masks=_D.shape_masks, refine_start=_D.refine_start,
                 refine_end=_D.refine_end, kmeans_restarts=_D.kmeans_restarts,
-                overlap_threshold=_D.overlap_threshold, settings_for=SETTINGS_FOR[0]) -> io.NodeOutput:  # fmt: skip
+                overlap_threshold=_D.overlap_threshold, settings_for=SETTINGS_FOR[0], positive_conditioning=None,
+                negative_conditioning=None) -> io.NodeOutput:  # fmt: skip
         import comfy.samplers
         import comfy.utils
 
@@ -310,7 +321,8 @@ class ConceptConductor(io.ComfyNode):
                     )
                 reference = vae.encode(reference_image[:1, :, :, :3])
             guider, _ = _guider(cls.NAME, model, clip, concepts, scene_prompt, negative, cfg, regions, masks,
-                                concept_prompts, settings, width, height, reference)  # fmt: skip
+                                concept_prompts, settings, width, height, reference,
+                                (positive_conditioning, negative_conditioning))  # fmt: skip
             sigmas = comfy.samplers.calculate_sigmas(
                 model.get_model_object("model_sampling"), scheduler, int(steps)
             ).to(torch.float32)  # fmt: skip
@@ -371,13 +383,15 @@ class ConceptConductorGuider(io.ComfyNode):
                 concept_prompts="", reference_latent=None, alignment_weight=_D.alignment_weight,
                 alignment_end=_D.alignment_end, alignment_every=_D.alignment_every, shape_masks=_D.shape_masks,
                 refine_start=_D.refine_start, refine_end=_D.refine_end, kmeans_restarts=_D.kmeans_restarts,
-                overlap_threshold=_D.overlap_threshold, settings_for=SETTINGS_FOR[0]) -> io.NodeOutput:  # fmt: skip
+                overlap_threshold=_D.overlap_threshold, settings_for=SETTINGS_FOR[0], positive_conditioning=None,
+                negative_conditioning=None) -> io.NodeOutput:  # fmt: skip
         settings = _settings(cls.NAME, model, alignment_weight, alignment_end, alignment_every, shape_masks, refine_start,
                              refine_end, kmeans_restarts, overlap_threshold, settings_for)  # fmt: skip
         reference = None if reference_latent is None else reference_latent["samples"]
         try:
             guider, m = _guider(cls.NAME, model, clip, concepts, scene_prompt, negative, cfg, regions, masks,
-                                concept_prompts, settings, int(width), int(height), reference)  # fmt: skip
+                                concept_prompts, settings, int(width), int(height), reference,
+                                (positive_conditioning, negative_conditioning))  # fmt: skip
         except _ERRORS as e:
             raise NodeError(cls.NAME, str(e)) from None
         image_masks = torch.nn.functional.interpolate(m[:, None], size=(int(height), int(width)), mode="nearest")[:, 0]

@@ -74,6 +74,29 @@ def prompt_input(name: str, tooltip: str, optional: bool = False) -> io.String.I
 # ------------------------------------------------------------------------------------------ adapters
 
 
+def scene_conditioning_inputs(where: str) -> list[io.Conditioning.Input]:
+    """The optional ``positive_conditioning`` / ``negative_conditioning`` pair a method node samples its scene with
+    instead of encoding its prompt strings, so ControlNet, T2I-Adapter and any other stock conditioning node can
+    reach it; ``where`` says where the method reads it ('stage 1 and the scene's branch of stage 2')."""
+    how = (
+        "Made with stock nodes from this checkpoint's CLIP (CLIP Text Encode, then Apply ControlNet, T2I-Adapter, "
+        "GLIGEN, style model ...): used instead of encoding the text, in "
+    )
+    return [
+        io.Conditioning.Input(
+            "positive_conditioning",
+            optional=True,
+            tooltip=f"Optional: the scene prompt's conditioning. {how}{where}. The text widget is still read for "
+            "the words (class words, each concept's prompt); the node warns when the two differ.",
+        ),
+        io.Conditioning.Input(
+            "negative_conditioning",
+            optional=True,
+            tooltip=f"Optional: the negative prompt's conditioning. {how}{where}.",
+        ),
+    ]
+
+
 def strength_input(name: str, default: float, tooltip: str) -> io.Float.Input:
     """The scale of an adapter's UNet or text-encoder part: -4 to 4 in steps of 0.01."""
     return io.Float.Input(name, default=default, min=-4.0, max=4.0, step=0.01, tooltip=tooltip)

@@ -16,9 +16,11 @@ from ..samplers.lora_composer.guider import (
 )
 from ..samplers.lora_composer.preview import draw_attention_maps, pick_steps
 from ..samplers.mixofshow.sampling import REGIONAL_KEY
+from ..samplers.scene_conditioning import SceneConditioningError
 from .common import CATEGORY_METHODS, NodeError, checked_inputs
-from .inputs import cfg_input, schedule_share_input
+from .inputs import cfg_input, scene_conditioning_inputs, schedule_share_input
 from .mixofshow_regional import LORA_SCOPES, build_regional, regional_concept_inputs, regional_inputs
+from .sampling import scene_conds
 
 _DEFAULTS = ComposerSettings()
 
@@ -133,6 +135,10 @@ class LoRAComposer(io.ComfyNode):
                     "projection of the box's result, with the base model's queries; its self-attention, query and "
                     "feed-forward layers are not used. Every layer: all of them, inside the box.",
                 ),
+                *scene_conditioning_inputs(
+                    "the global prompt's place (the boxes ride on it), so a ControlNet or T2I-Adapter acts on the "
+                    "whole UNet call, as the official code runs its T2I-Adapters"
+                ),
             ],
             outputs=[
                 io.Guider.Output(display_name="GUIDER", tooltip="For SamplerCustomAdvanced."),
@@ -145,7 +151,8 @@ class LoRAComposer(io.ComfyNode):
     def execute(cls, model, clip, regions, global_prompt, global_negative, cfg, concepts=None, adapters="scoped",
                 enhancement=8.0, fill=2.0, region=10.0, step_size=20.0, refine_until=0.5, stop_when_loss_rises=True,
                 isolation=True, reinitialise=True, top_k_ratio=0.2, smoothing=0.5,
-                lora_layers=LORA_SCOPES[1]) -> io.NodeOutput:  # fmt: skip
+                lora_layers=LORA_SCOPES[1], positive_conditioning=None,
+                negative_conditioning=None) -> io.NodeOutput:  # fmt: skip
         settings = ComposerSettings(
             enhancement=float(enhancement), fill=float(fill), region=float(region), top_k_ratio=float(top_k_ratio),
             smooth_sigma=float(smoothing), step_size=float(step_size), refine_until=float(refine_until),
@@ -168,9 +175,26 @@ class LoRAComposer(io.ComfyNode):
         state = ComposerState(settings, targets, built.layout.masks, cls.NAME, layout=built.layout)
         install_composer(built.model, state)
         guider = LoRAComposerGuider(built.model, state)
-        guider.set_conds(built.positive, built.negative)
+        try:
+            positive, negative = _with_regions(
+                cls.NAME, model, built, (positive_conditioning, negative_conditioning), global_prompt
+            )
+        except SceneConditioningError as e:
+            raise NodeError(cls.NAME, str(e)) from None
+        guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider, built.preview)
+
+
+def _with_regions(node, model, built, given, global_prompt) -> tuple[list, list]:
+    """The guider's conds: the given scene conditionings where connected, each carrying the regions its side of
+    ``built`` carries; else ``built``'s own."""
+    positive, negative = scene_conds(node, model, given, built.positive, built.negative, "global_prompt")
+    out = []
+    for chosen, own in ((positive, built.positive), (negative, built.negative)):
+        side = own[0][1][REGIONAL_KEY]
+        out.append(own if chosen is own else [[c, {**d, REGIONAL_KEY: side}] for c, d in chosen])
+    return out[0], out[1]
 
 
 class LoRAComposerAttention(io.ComfyNode):

@@ -36,19 +36,29 @@ from ..samplers.omg.stages import (
     tag_rows,
     with_labels,
 )
+from ..samplers.scene_conditioning import SceneConditioningError
 from ..samplers.scoped_lora.adapters import ScopedLoRAError
 from .common import CATEGORY_METHODS, ConceptStackType, NodeError, checked_inputs, show_text
-from .inputs import cfg_input, prompt_input, sampler_name_input, sampling_steps_input, scheduler_input, seed_input
+from .inputs import (
+    cfg_input,
+    prompt_input,
+    sampler_name_input,
+    sampling_steps_input,
+    scene_conditioning_inputs,
+    scheduler_input,
+    seed_input,
+)
 from .regions import RegionsType
 from .sam import SamModelType
-from .sampling import check_sampler_names, latent_output, sample_guider
+from .sampling import check_sampler_names, latent_output, sample_guider, scene_conds
 
 log = logging.getLogger("multiconcept")
 
 OMGLayoutType = io.Custom("OMG_LAYOUT")
 # whole-MODEL concepts (a tuple of samplers.omg.stages.ModelConcept), from OMG Model Concept nodes
 ModelConceptsType = io.Custom("OMG_MODEL_CONCEPTS")
-_ERRORS = (OMGError, LayoutError, ScopedLoRAError, EDLoRAApplyError, RegionalPlanError)
+_ERRORS = (OMGError, LayoutError, ScopedLoRAError, EDLoRAApplyError, RegionalPlanError, SceneConditioningError)
+CONDITIONING_WHERE = "stage 1 and the scene's branch of stage 2 (as the official OMG runs its ControlNet there; the concepts' branches keep their own prompts)"
 CROP_MARGIN = 4  # latent cells (32 px) around a concept's mask when concepts are cropped
 
 
@@ -197,7 +207,7 @@ def _mask_outputs() -> list:
 
 
 def _stage1(node, model, clip, vae, stack, latent_image, seed, steps, cfg, sampler_name, scheduler, scene_prompt,
-            negative, start, layout_memory_mb, need_words, progress=None) -> OMGLayout:  # fmt: skip
+            negative, start, layout_memory_mb, need_words, progress=None, conditioning=(None, None)) -> OMGLayout:  # fmt: skip
     if not (scene_prompt or "").strip():
         raise NodeError(node, "scene_prompt is empty: describe the scene with class words ('a man and a dog').")
     check_sampler_names(node, sampler_name, scheduler)
@@ -207,6 +217,7 @@ def _stage1(node, model, clip, vae, stack, latent_image, seed, steps, cfg, sampl
     word_tokens = class_word_tokens(clip, scene_prompt, list(stack)) if need_words else []
     positive = encode(clip, scene_prompt)
     negative_c = encode(clip, negative or "")
+    positive, negative_c = scene_conds(node, model, conditioning, positive, negative_c, "the scene prompt")
     import comfy.model_management
 
     keep_on = comfy.model_management.intermediate_device()  # host memory: the replay never takes GPU memory
@@ -377,7 +388,8 @@ class OMG(io.ComfyNode):
             "Empty Latent Image and decode the output.",
             inputs=_stage1_inputs(True)
             + _stage2_inputs()
-            + [_model_concepts_input(), _layout_memory_input(), _strengths_input()],
+            + [_model_concepts_input(), _layout_memory_input(), _strengths_input()]
+            + scene_conditioning_inputs(CONDITIONING_WHERE),
             outputs=[
                 io.Latent.Output(display_name="LATENT", tooltip="The final image's latent (decode it)."),
                 io.Latent.Output(display_name="stage 1", tooltip="Stage 1's latent: the scene without concepts."),
@@ -390,7 +402,8 @@ class OMG(io.ComfyNode):
     def execute(cls, model, clip, vae, concepts, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 scene_prompt, negative, start=0.32, overlap="front_to_back", regions=None, sam=None,
                 concept_prompts="", crop_concepts=False, mask_threshold=0.4, model_concepts=None,
-                layout_memory_mb=DEFAULT_BUDGET_MB, masks=None, strengths=STRENGTHS[0]) -> io.NodeOutput:  # fmt: skip
+                layout_memory_mb=DEFAULT_BUDGET_MB, masks=None, strengths=STRENGTHS[0], positive_conditioning=None,
+                negative_conditioning=None) -> io.NodeOutput:  # fmt: skip
         import comfy.utils
 
         stack, extra = _need_concepts(cls.NAME, concepts, model_concepts, strengths)
@@ -406,7 +419,8 @@ class OMG(io.ComfyNode):
             layout = _stage1(cls.NAME, model, clip, vae, list(stack) + list(extra), latent_image, seed, steps, cfg, sampler_name,
                              scheduler, scene_prompt, negative, start, layout_memory_mb,
                              need_words=regions is None and masks is None,
-                             progress=lambda step, x0, x, t: bar.update_absolute(step + 1, total))  # fmt: skip
+                             progress=lambda step, x0, x, t: bar.update_absolute(step + 1, total),
+                             conditioning=(positive_conditioning, negative_conditioning))  # fmt: skip
             guider, masks, preview = _guider(cls.NAME, model, clip, stack, layout, overlap, regions, sam,
                                              concept_prompts, crop_concepts, mask_threshold, extra, masks)  # fmt: skip
             out = sample_guider(guider, latent_image, seed, sampler_name, layout.store.sigmas.to(torch.float32),
@@ -434,7 +448,9 @@ class OMGStage1(io.ComfyNode):
             description="OMG's first stage for SamplerCustomAdvanced graphs: samples the scene from class words with "
             "no concept and keeps what stage 2 replays (attention) and what automatic masks need. Connect the "
             "layout to OMG Guider, and sample stage 2 with the same seed, steps and scheduler.",
-            inputs=_stage1_inputs(False) + [_model_concepts_input(), _layout_memory_input()],
+            inputs=_stage1_inputs(False)
+            + [_model_concepts_input(), _layout_memory_input()]
+            + scene_conditioning_inputs(CONDITIONING_WHERE),
             outputs=[
                 OMGLayoutType.Output(display_name="layout", tooltip="The stage-1 layout, for OMG Guider."),
                 io.Latent.Output(display_name="stage 1", tooltip="Stage 1's latent: the scene without concepts."),
@@ -445,13 +461,15 @@ class OMGStage1(io.ComfyNode):
     @classmethod
     @checked_inputs(NAME)
     def execute(cls, model, clip, vae, latent_image, seed, steps, cfg, sampler_name, scheduler, scene_prompt,
-                negative, start=0.32, concepts=None, model_concepts=None, layout_memory_mb=DEFAULT_BUDGET_MB) -> io.NodeOutput:  # fmt: skip
+                negative, start=0.32, concepts=None, model_concepts=None, layout_memory_mb=DEFAULT_BUDGET_MB,
+                positive_conditioning=None, negative_conditioning=None) -> io.NodeOutput:  # fmt: skip
         try:
             stack = list(concepts or ()) + list(model_concepts or ()) or None
             if stack is not None and not all(c.class_word.strip() for c in stack):
                 stack = None  # a concept without a class word: its mask must come from a box, so keep no maps
             layout = _stage1(cls.NAME, model, clip, vae, stack or [], latent_image, seed, steps, cfg, sampler_name,
-                             scheduler, scene_prompt, negative, start, layout_memory_mb, need_words=stack is not None)  # fmt: skip
+                             scheduler, scene_prompt, negative, start, layout_memory_mb, need_words=stack is not None,
+                             conditioning=(positive_conditioning, negative_conditioning))  # fmt: skip
         except _ERRORS as e:
             raise NodeError(cls.NAME, str(e)) from None
         return io.NodeOutput(layout, latent_output(latent_image, layout.store.final), layout.image)

@@ -3,7 +3,12 @@ run time: checking the sampler and scheduler names, sampling a guider, the LATEN
 
 from __future__ import annotations
 
-from .common import NodeError
+import logging
+
+from ..samplers.scene_conditioning import check_scene_conditioning, same_text
+from .common import NodeError, show_text
+
+log = logging.getLogger("multiconcept")
 
 
 def check_sampler_names(node: str, sampler_name, scheduler) -> None:
@@ -37,3 +42,21 @@ def latent_output(latent_image: dict, samples) -> dict:
     out["samples"] = samples
     out.pop("noise_mask", None)
     return out
+
+
+def scene_conds(node: str, model, given, positive, negative, text: str):
+    """The scene's ``(positive, negative)``: the ``given`` conditionings (positive_conditioning,
+    negative_conditioning) where connected, checked against the MODEL (SceneConditioningError), else the node's own
+    encodings; a given positive that is not the encoding of ``text`` ('the scene prompt') is warned about."""
+    given_pos, given_neg = given
+    if given_pos is not None:
+        check_scene_conditioning(given_pos, model, "positive_conditioning")
+        if not same_text(given_pos, positive):
+            warning = (f"{node}: positive_conditioning is not {text}'s encoding; it is sampled as given, and the "
+                       f"words the method needs are read from {text}.")  # fmt: skip
+            log.warning("[multi-concept] %s", warning)
+            show_text(warning)
+        positive = given_pos
+    if given_neg is not None:
+        negative = check_scene_conditioning(given_neg, model, "negative_conditioning")
+    return positive, negative

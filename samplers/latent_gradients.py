@@ -8,6 +8,12 @@ model's size again in memory. Instead, while :func:`latent_gradient_mode` is act
 or parameter handed to a torch function is replaced by a zero-copy alias (same storage, made through DLPack)
 that is an ordinary tensor without ``requires_grad``. So the backward pass reaches only the latent: no
 weight gets a gradient, none is copied, and nothing about the model changes.
+
+A ControlNet or T2I-Adapter in the conds adds its residual into the UNet's activations in place (ComfyUI's
+``apply_control``: ``h += ctrl``), after autograd saved them for the backward pass, which then refuses to run.
+With ``copy_saved`` every tensor autograd saves is saved as a copy, so the in-place add cannot touch it (the
+gradient is that of the forward as it ran); it costs the saved activations once more in memory, so the methods
+turn it on only when a cond carries a control (:func:`carries_control`).
 """
 
 from __future__ import annotations
@@ -44,10 +50,21 @@ class _Aliases(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def latent_gradient_mode():
-    """Autograd on (outside ComfyUI's inference mode), model tensors aliased as described above."""
-    with torch.inference_mode(False), torch.enable_grad(), _Aliases():
+def latent_gradient_mode(copy_saved: bool = False):
+    """Autograd on (outside ComfyUI's inference mode), model tensors aliased as described above; with
+    ``copy_saved``, saved tensors kept as copies (see the module docstring)."""
+    saved = (
+        torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+        if copy_saved
+        else contextlib.nullcontext()
+    )
+    with torch.inference_mode(False), torch.enable_grad(), _Aliases(), saved:
         yield
+
+
+def carries_control(conds) -> bool:
+    """Whether any cond (lists of ComfyUI's processed cond dicts) carries a ControlNet / T2I-Adapter."""
+    return any(isinstance(c, dict) and c.get("control") is not None for group in conds if group for c in group)
 
 
 def trainable_copy(x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention_patches import chained_attention
-from ..latent_gradients import latent_gradient_mode, trainable_copy
+from ..latent_gradients import carries_control, latent_gradient_mode, trainable_copy
 from ..lora_composer.guider import LATENT_UPDATE_SAMPLERS
 from .alignment import latent_step, layout_loss
 from .injection import inject
@@ -567,7 +567,7 @@ class ConductorGuider(_guider_base()):
         conds, roles = self._roles(positive_only=True)
         state.keys = {}
         try:
-            with latent_gradient_mode():
+            with latent_gradient_mode(copy_saved=carries_control(conds)):
                 z = trainable_copy(x)
                 state.mode, state.roles = ALIGN, roles
                 try:

@@ -96,14 +96,17 @@ def tag_rows(conditioning: list, i: int) -> list:
 def build_guider(node: str, model, clip, stack: ConceptStack, scene_prompt: str, negative: str, cfg: float,
                  masks: torch.Tensor, settings: ConductorSettings, prompts: list[str] | None = None,
                  reference_latent: torch.Tensor | None = None,
-                 size: tuple[int, int] | None = None) -> ConductorGuider:  # fmt: skip
+                 size: tuple[int, int] | None = None, scene: tuple[list, list] | None = None) -> ConductorGuider:  # fmt: skip
     """The guider: base branch on ``scene_prompt``, one branch per concept (``prompts`` or ``branch_prompt``).
 
     ``size``: ``(width, height)`` in pixels of the image it is built for; sampling another size is refused.
+    ``scene``: the base branch's ``(positive, negative)`` conditionings (e.g. carrying a ControlNet) instead of
+    ``scene_prompt`` and ``negative`` encoded; the reference run reads them too.
     """
     from ..edlora.clip import LAYERWISE_KEY
     from ..edlora.model import add_layerwise_routing, check_compatible
     from ..mixofshow.encoding import concept_clip, encode
+    from ..scene_conditioning import with_control_of
 
     if not (scene_prompt or "").strip():
         raise ConductorError("scene_prompt is empty: describe the scene with class words ('a man and a dog').")
@@ -125,7 +128,10 @@ def build_guider(node: str, model, clip, stack: ConceptStack, scene_prompt: str,
     install_conductor(clone, state)
     guider = ConductorGuider(clone, state, reference_latent, size)
     guider.set_cfg(cfg)
-    guider.set_conductor_conds(encode(clip, scene_prompt), encode(clip, negative or ""), branch_conds)
+    positive, negative_c = scene if scene is not None else (encode(clip, scene_prompt), encode(clip, negative or ""))
+    # the scene's control acts on every branch: they must share one batched call, which only equal controls allow
+    branch_conds = [(with_control_of(p, positive), with_control_of(n, negative_c)) for p, n in branch_conds]
+    guider.set_conductor_conds(positive, negative_c, branch_conds)
     guider.prompts = prompts
     return guider
 

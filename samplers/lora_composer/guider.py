@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention_patches import QUERY_POSITIONS_KEY, chained_attention
-from ..latent_gradients import latent_gradient_mode, trainable_copy
+from ..latent_gradients import carries_control, latent_gradient_mode, trainable_copy
 from ..scoped_lora.lowrank import resize_area, token_grid
 from .isolation import isolated_attention, isolated_probabilities, membership_codes
 from .losses import bounding_rect, composer_loss, step_sizes
@@ -511,7 +511,7 @@ class LoRAComposerGuider(_guider_base()):
         state.clear_captures()
         state.mode = PROBE
         try:
-            with latent_gradient_mode():
+            with latent_gradient_mode(copy_saved=carries_control([self.conds.get("positive")])):
                 z = trainable_copy(x)
                 self._positive_pass(z, timestep, model_options)
                 state.mode = OFF
