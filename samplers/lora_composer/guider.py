@@ -123,6 +123,7 @@ class ComposerState:
         self.cross_layers = 0
         self.self_attn: torch.Tensor | None = None  # [b, N, N] summed over layers
         self.self_layers = 0
+        self._pending_self: torch.Tensor | None = None  # this loss layer's map while its forward runs
         self.history: dict[int, StepRecord] = {}
         self.warned_inner = False
 
@@ -191,11 +192,27 @@ class ComposerState:
         if self.mode == PROBE and self.loss_order and key == self.loss_order[-1]:
             raise StopForward
 
-    def add_self(self, key, q, k, heads: int, rows: torch.Tensor | None) -> None:
+    def begin_self(self, q, k, heads: int) -> None:
+        """A loss layer's self-attention ``[b, N, N]`` from the layer's own queries and keys, pending until
+        :meth:`end_self`: where a concept's scoped LoRA makes the queries and keys of its box, :meth:`self_rows`
+        puts the rows the forward computes with them in its place first."""
         codes = self.codes(q.shape[1], q.device) if self.settings.isolation else None
-        if rows is not None:
-            q, k = q.index_select(0, rows), k.index_select(0, rows)
-        probs = isolated_probabilities(q, k, heads, codes)  # [b, N, N]
+        self._pending_self = isolated_probabilities(q, k, heads, codes)
+
+    def self_rows(self, q, k, heads: int, positions: torch.Tensor) -> None:
+        """The rows at query ``positions`` of the pending map, from ``q [b, len(positions), C]`` and ``k``: the
+        queries and keys the scoped LoRA hands on for those positions (the concept's adapted ones)."""
+        pending = self._pending_self
+        if pending is None or pending.shape[-1] != k.shape[1] or pending.shape[0] != q.shape[0]:
+            return
+        codes = self.codes(k.shape[1], k.device) if self.settings.isolation else None
+        rows = isolated_probabilities(q, k, heads, codes, queries=positions.to(k.device), selected=True)
+        self._pending_self = pending.index_copy(1, positions.to(pending.device), rows.to(pending))  # autograd-safe
+
+    def end_self(self) -> None:
+        probs, self._pending_self = self._pending_self, None
+        if probs is None:
+            return
         self.self_attn = probs if self.self_attn is None else self.self_attn + probs
         self.self_layers += 1
 
@@ -286,9 +303,19 @@ class IsolationAttention:
             return chained_attention(self.inner, q, k, v, extra_options)
         heads = extra_options["n_heads"]
         positions = extra_options.get(QUERY_POSITIONS_KEY)
-        if self.capture and state.mode == PROBE and state.settings.region > 0 and positions is None:
-            if state.is_loss_layer(q.shape[1]):
-                state.add_self(self.key, q, k, heads, None)
+        probing = state.mode == PROBE and state.settings.region > 0 and state.is_loss_layer(k.shape[1])
+        if self.capture and probing and positions is None:
+            # the region loss's map: the plain rows now, a scoped box's rows from the keys its forward uses
+            state.begin_self(q, k, heads)
+            try:
+                return self._attend(state, q, k, v, extra_options, heads, positions)
+            finally:
+                state.end_self()
+        if not self.capture and probing and positions is not None:
+            state.self_rows(q, k, heads, positions)
+        return self._attend(state, q, k, v, extra_options, heads, positions)
+
+    def _attend(self, state, q, k, v, extra_options, heads, positions):
         codes = state.codes(k.shape[1], k.device) if self.isolate and state.settings.isolation else None
         if codes is None:
             return chained_attention(self.inner, q, k, v, extra_options)

@@ -59,12 +59,14 @@ def isolated_attention(q, k, v, heads: int, codes: torch.Tensor, attention: Atte
     return out
 
 
-def isolated_probabilities(q, k, heads: int, codes: torch.Tensor | None, queries: torch.Tensor | None = None):
+def isolated_probabilities(q, k, heads: int, codes: torch.Tensor | None, queries: torch.Tensor | None = None,
+                           selected: bool = False):  # fmt: skip
     """Head-averaged self-attention probabilities ``[B, Nq, N]`` with blocked keys at exactly 0, for the
-    region loss (small layers only: this one is dense). ``queries`` selects query positions (default all)."""
-    b, n, inner = q.shape
+    region loss (small layers only: this one is dense). ``queries`` selects query positions (default all);
+    ``selected``: ``q`` holds only those positions' queries already."""
+    b, n, inner = k.shape
     d = inner // heads
-    if queries is not None:
+    if queries is not None and not selected:
         q = q.index_select(1, queries)
     qh = q.reshape(b, q.shape[1], heads, d).transpose(1, 2).float()
     kh = k.reshape(b, n, heads, d).transpose(1, 2).float()

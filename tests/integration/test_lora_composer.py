@@ -150,6 +150,46 @@ def test_the_official_scope_uses_only_the_box_cross_attention_keys_values_and_ou
     assert not torch.equal(picture("lc_cat_kv_out.pth", **every), picture("lc_cat.pth", **every))
 
 
+def test_the_region_loss_reads_the_keys_the_forward_uses(comfy):
+    """A box whose self-attention the scoped LoRA adapts ('every layer'): the region loss's map holds, for the
+    box's queries, the attention of the adapted queries over the adapted keys the forward computes with (the
+    scoped patch hands them to the inner patch with their positions); the other rows are the plain ones."""
+    g = comfy.pack_module("samplers.lora_composer.guider")
+    iso = comfy.pack_module("samplers.lora_composer.isolation")
+    positions_key = comfy.pack_module("samplers.attention_patches").QUERY_POSITIONS_KEY
+    torch.manual_seed(0)
+    masks = torch.zeros(2, 128, 128)
+    masks[0, :, :64], masks[1, :, 64:] = 1.0, 1.0
+    state = g.ComposerState(g.ComposerSettings(), [], masks, "T")
+    state.begin_run((16, 16))  # the loss layers: 1/4 of the side, 4x4 = 16 positions
+    state.mode = g.PROBE
+    heads, width, n = 2, 8, 16
+    q, k, v = torch.randn(1, n, width), torch.randn(1, n, width), torch.randn(1, n, width)
+    box = torch.tensor([c for c in range(n) if c % 4 < 2])  # the left box's positions
+    rest = torch.tensor([c for c in range(n) if c % 4 >= 2])
+    q_box, k_box = torch.randn(1, box.numel(), width), torch.randn(1, n, width)  # the concept's LoRA made these
+    inner = g.IsolationAttention(("input", 1, 0), None, capture=False)
+
+    def scoped(q_, k_, v_, extra):  # what ScopedAttention does: each part's queries with its own keys
+        out = torch.zeros_like(q_)
+        out[:, box] = inner(q_box, k_box, v_, {**extra, positions_key: box})
+        out[:, rest] = inner(q_.index_select(1, rest), k_, v_, {**extra, positions_key: rest})
+        return out
+
+    outer = g.IsolationAttention(("input", 1, 0), scoped, isolate=False)
+    kept = []
+    real_end = state.end_self
+    state.end_self = lambda: (kept.append(state._pending_self.clone()), real_end())
+    outer(q, k, v, {g.STATE_KEY: state, "n_heads": heads})
+    codes = state.codes(n, "cpu")
+    expected = iso.isolated_probabilities(q, k, heads, codes)
+    expected[:, box] = iso.isolated_probabilities(q_box, k_box, heads, codes, queries=box, selected=True)
+    torch.testing.assert_close(kept[0], expected, rtol=0, atol=1e-6)
+    assert state.self_layers == 1 and not torch.allclose(
+        expected[:, box], iso.isolated_probabilities(q, k, heads, codes)[:, box]
+    )
+
+
 # ---------------------------------------------------------------------------------------- latent steps
 
 
