@@ -788,9 +788,12 @@ class Runner:
                                               self.named_prompt(pi))[:3]  # fmt: skip
             return self.ksampler(model, seed, positive, self.encode(clip, p.negative))
         if key == "concept_conductor":
+            # --quick (2-3 steps): one alignment step per aligned step; the default repeats it to the official 200
+            # steps' count of gradient steps, which at 2 steps is 100 gradient passes
+            scale = {"alignment_scale": "per step"} if self.quick else {}
             return self.node("MultiConceptConceptConductor", self.model, self.clip, self.vae, self.latent, seed,
                              s.steps, s.cfg, s.sampler, s.scheduler, stack, p.prompt, p.negative,
-                             regions=regions)[0]  # fmt: skip
+                             regions=regions, **scale)[0]  # fmt: skip
         raise KeyError(key)
 
     def warm(self, key: str, pi: int, seed: int) -> float:

@@ -13,7 +13,7 @@ import torch
 from comfy_api.latest import io
 
 from ..samplers.concept_conductor.guider import ConductorError
-from ..samplers.concept_conductor.settings import ConductorSettings, for_family
+from ..samplers.concept_conductor.settings import OFFICIAL_STEPS, ConductorSettings, for_family
 from ..samplers.concept_conductor.setup import build_guider, check_masks, mask_preview, parse_prompts
 from ..samplers.concept_stack.placement import concept_masks
 from ..samplers.concept_stack.stack import ConceptStackError
@@ -44,6 +44,7 @@ CONDITIONING_WHERE = ("the base branch and the reference run; its ControlNet / T
 log = logging.getLogger("multiconcept")
 _D = ConductorSettings()
 SETTINGS_FOR = ("the model's family (official)", "as set here")
+ALIGNMENT_SCALES = ("repeat to the official 200 steps", "weight scaled to 200 steps", "per step")
 
 
 def _inputs_model() -> list:
@@ -170,10 +171,43 @@ def _inputs_settings() -> list:
     ]
 
 
+def _inputs_later() -> list:
+    """Inputs added after the first release, at the end so saved workflows keep their widget values."""
+    return [
+        prompt_input(
+            "reference_prompt",
+            "Optional: what the reference shows, with class words ('a dog and a cat in the street'); the reference "
+            "is inverted with it, as the official ref_prompt. Empty: the scene prompt. Needs a reference.",
+            optional=True,
+        ),
+        io.Boolean.Input(
+            "use_loss_mask",
+            default=False,
+            optional=True,
+            tooltip="Align only inside the concepts' masks (the reference's subjects), leaving the background free "
+            "(official use_loss_mask; off by default, as the official configs).",
+        ),
+        io.Combo.Input(
+            "alignment_scale",
+            options=list(ALIGNMENT_SCALES),
+            default=ALIGNMENT_SCALES[0],
+            optional=True,
+            tooltip="The official runs take 200 steps, one alignment step of alignment_weight at each aligned step "
+            "(61 on SD1.5). 'repeat': each aligned step of a shorter run takes several steps of alignment_weight, as "
+            "many in all as the official run (30 steps: 6 each, 60 in all; each costs a gradient pass). 'weight "
+            "scaled': one larger step instead (cheaper; can overshoot at few steps). 'per step': one step of "
+            "alignment_weight (weaker with fewer steps). At 200 steps all three are the official run.",
+        ),
+    ]
+
+
 def _conductor_inputs(head: list, reference) -> list:
     """A Concept Conductor node's inputs, in the order saved workflows rely on: the node's own first inputs, where
-    the concepts go, the layout reference, the settings."""
-    return [*head, *_inputs_where(), reference, *_inputs_settings(), *scene_conditioning_inputs(CONDITIONING_WHERE)]
+    the concepts go, the layout reference, the settings, then what came later."""
+    return [
+        *head, *_inputs_where(), reference, *_inputs_settings(), *scene_conditioning_inputs(CONDITIONING_WHERE),
+        *_inputs_later(),
+    ]  # fmt: skip
 
 
 def _conductor_outputs(first, masks_tooltip: str, preview_tooltip: str) -> list:
@@ -185,9 +219,12 @@ def _conductor_outputs(first, masks_tooltip: str, preview_tooltip: str) -> list:
 
 
 def _settings(node: str, model, alignment_weight, alignment_end, alignment_every, shape_masks, refine_start,
-              refine_end, kmeans_restarts, overlap_threshold, settings_for=SETTINGS_FOR[0]) -> ConductorSettings:  # fmt: skip
+              refine_end, kmeans_restarts, overlap_threshold, settings_for=SETTINGS_FOR[0], use_loss_mask=False,
+              alignment_scale=ALIGNMENT_SCALES[0]) -> ConductorSettings:  # fmt: skip
     if settings_for not in SETTINGS_FOR:
         raise NodeError(node, f"settings_for is {settings_for!r}; choose one of {', '.join(SETTINGS_FOR)}.")
+    if alignment_scale not in ALIGNMENT_SCALES:
+        raise NodeError(node, f"alignment_scale is {alignment_scale!r}; choose one of {', '.join(ALIGNMENT_SCALES)}.")
     if settings_for == SETTINGS_FOR[0]:
         given = ConductorSettings(alignment_weight=float(alignment_weight), alignment_end=float(alignment_end),
                                   alignment_every=int(alignment_every), refine_start=float(refine_start),
@@ -212,6 +249,8 @@ def _settings(node: str, model, alignment_weight, alignment_end, alignment_every
         alignment_weight=float(alignment_weight), alignment_end=float(alignment_end),
         alignment_every=int(alignment_every), shape_masks=bool(shape_masks), refine_start=float(refine_start),
         refine_end=float(refine_end), kmeans_restarts=int(kmeans_restarts), overlap_threshold=float(overlap_threshold),
+        use_loss_mask=bool(use_loss_mask), scale_to_steps=None if alignment_scale == ALIGNMENT_SCALES[2] else OFFICIAL_STEPS,
+        scale_by="weight" if alignment_scale == ALIGNMENT_SCALES[1] else "repeat",
     )  # fmt: skip
 
 
@@ -235,8 +274,14 @@ def _masks(node: str, stack, regions, masks, width: int, height: int) -> torch.T
 
 
 def _guider(node, model, clip, concepts, scene_prompt, negative, cfg, regions, masks, concept_prompts, settings,
-            width, height, reference_latent=None, conditioning=(None, None)):  # fmt: skip
+            width, height, reference_latent=None, conditioning=(None, None), reference_prompt=""):  # fmt: skip
     stack = concepts
+    if (reference_prompt or "").strip() and reference_latent is None:
+        raise ConductorError(
+            "reference_prompt describes a reference, but none is connected: connect the reference image (Sampler: "
+            "reference_image; Guider: reference_latent), or clear reference_prompt (without a reference the "
+            "reference is the scene prompt sampled from the same noise)."
+        )
     m = _masks(node, stack, regions, masks, width, height)
     prompts = parse_prompts(concept_prompts, stack, scene_prompt, regions)
     scene = None
@@ -245,6 +290,8 @@ def _guider(node, model, clip, concepts, scene_prompt, negative, cfg, regions, m
         scene = scene_conds(node, model, conditioning, *own, "the scene prompt")
     guider = build_guider(node, model, clip, stack, scene_prompt, negative, cfg, m, settings, prompts, reference_latent,
                           size=(int(width), int(height)), scene=scene)  # fmt: skip
+    if (reference_prompt or "").strip():
+        guider.reference_positive = encode(clip, reference_prompt)
     return guider, m
 
 
@@ -302,7 +349,8 @@ class ConceptConductor(io.ComfyNode):
                 alignment_every=_D.alignment_every, shape_masks=_D.shape_masks, refine_start=_D.refine_start,
                 refine_end=_D.refine_end, kmeans_restarts=_D.kmeans_restarts,
                 overlap_threshold=_D.overlap_threshold, settings_for=SETTINGS_FOR[0], positive_conditioning=None,
-                negative_conditioning=None) -> io.NodeOutput:  # fmt: skip
+                negative_conditioning=None, reference_prompt="", use_loss_mask=False,
+                alignment_scale=ALIGNMENT_SCALES[0]) -> io.NodeOutput:  # fmt: skip
         import comfy.samplers
         import comfy.utils
 
@@ -310,7 +358,8 @@ class ConceptConductor(io.ComfyNode):
         samples = latent_image["samples"]
         height, width = int(samples.shape[-2]) * 8, int(samples.shape[-1]) * 8
         settings = _settings(cls.NAME, model, alignment_weight, alignment_end, alignment_every, shape_masks, refine_start,
-                             refine_end, kmeans_restarts, overlap_threshold, settings_for)  # fmt: skip
+                             refine_end, kmeans_restarts, overlap_threshold, settings_for, use_loss_mask,
+                             alignment_scale)  # fmt: skip
         try:
             reference = None
             if reference_image is not None:
@@ -322,7 +371,7 @@ class ConceptConductor(io.ComfyNode):
                 reference = vae.encode(reference_image[:1, :, :, :3])
             guider, _ = _guider(cls.NAME, model, clip, concepts, scene_prompt, negative, cfg, regions, masks,
                                 concept_prompts, settings, width, height, reference,
-                                (positive_conditioning, negative_conditioning))  # fmt: skip
+                                (positive_conditioning, negative_conditioning), reference_prompt)  # fmt: skip
             sigmas = comfy.samplers.calculate_sigmas(
                 model.get_model_object("model_sampling"), scheduler, int(steps)
             ).to(torch.float32)  # fmt: skip
@@ -384,14 +433,16 @@ class ConceptConductorGuider(io.ComfyNode):
                 alignment_end=_D.alignment_end, alignment_every=_D.alignment_every, shape_masks=_D.shape_masks,
                 refine_start=_D.refine_start, refine_end=_D.refine_end, kmeans_restarts=_D.kmeans_restarts,
                 overlap_threshold=_D.overlap_threshold, settings_for=SETTINGS_FOR[0], positive_conditioning=None,
-                negative_conditioning=None) -> io.NodeOutput:  # fmt: skip
+                negative_conditioning=None, reference_prompt="", use_loss_mask=False,
+                alignment_scale=ALIGNMENT_SCALES[0]) -> io.NodeOutput:  # fmt: skip
         settings = _settings(cls.NAME, model, alignment_weight, alignment_end, alignment_every, shape_masks, refine_start,
-                             refine_end, kmeans_restarts, overlap_threshold, settings_for)  # fmt: skip
+                             refine_end, kmeans_restarts, overlap_threshold, settings_for, use_loss_mask,
+                             alignment_scale)  # fmt: skip
         reference = None if reference_latent is None else reference_latent["samples"]
         try:
             guider, m = _guider(cls.NAME, model, clip, concepts, scene_prompt, negative, cfg, regions, masks,
                                 concept_prompts, settings, int(width), int(height), reference,
-                                (positive_conditioning, negative_conditioning))  # fmt: skip
+                                (positive_conditioning, negative_conditioning), reference_prompt)  # fmt: skip
         except _ERRORS as e:
             raise NodeError(cls.NAME, str(e)) from None
         image_masks = torch.nn.functional.interpolate(m[:, None], size=(int(height), int(width)), mode="nearest")[:, 0]

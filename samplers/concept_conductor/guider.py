@@ -176,6 +176,16 @@ class ConductorState:
             self._at[grid] = at.reshape(b, n, grid[0] * grid[1]).to(device)
         return self._at[grid]
 
+    def foreground(self, tokens: int, device) -> torch.Tensor | None:
+        """``[tokens]``: the given (reference) masks summed over the concepts at a layer of ``tokens`` positions,
+        the official ``use_loss_mask`` weights (``ref_mask.sum(dim=-1)``, pipeline_concept_conductor.py l. 910-913)."""
+        from ..scoped_lora.lowrank import token_grid
+
+        grid = token_grid(tokens, *self.latent_hw) if self.latent_hw is not None else None
+        if grid is None:
+            return None
+        return masks_at(self.given_masks.float(), grid).bool().float().sum(dim=0).flatten().to(device)
+
     def refine(self) -> None:
         """Re-choose every concept's mask from the attention captured in this step's pass (``masks``)."""
         from ..scoped_lora.lowrank import token_grid
@@ -387,6 +397,7 @@ class ConductorGuider(_guider_base()):
         self.size = None if size is None else (int(size[0]), int(size[1]))  # (width, height) px it was built for
         self.n_concepts = 0
         self.reference_out: torch.Tensor | None = None  # the reference's latent where its run stopped
+        self.reference_positive: list | None = None  # the reference image's prompt (official ref_prompt)
         self.steps_aligned = 0
         self.last_loss: float | None = None
 
@@ -468,11 +479,11 @@ class ConductorGuider(_guider_base()):
         finally:
             state.end_run()
 
-    def _plain_guider(self, cfg: float):
+    def _plain_guider(self, cfg: float, positive=None):
         import comfy.samplers
 
         guider = comfy.samplers.CFGGuider(self.model_patcher)
-        guider.set_conds(*self._scene)
+        guider.set_conds(positive if positive is not None else self._scene[0], self._scene[1])
         guider.set_cfg(cfg)
         return guider
 
@@ -493,7 +504,8 @@ class ConductorGuider(_guider_base()):
             state.mode, state.roles = OFF, {}
 
     def _inversion_run(self, sigmas, seed) -> None:
-        """DDIM inversion of the reference along the schedule (positive prompt, no CFG), keys recorded."""
+        """DDIM inversion of the reference along the schedule (its own prompt, ``reference_positive``, or the scene
+        prompt; no CFG), keys recorded."""
         import comfy.samplers
 
         state = self.state
@@ -503,7 +515,7 @@ class ConductorGuider(_guider_base()):
             flipped = torch.cat([flipped.new_zeros(1), flipped])
         state.mode, state.roles = REFERENCE, {0: Role(BASE, COND)}
         try:
-            self._plain_guider(1.0).sample(
+            self._plain_guider(1.0, self.reference_positive).sample(
                 torch.zeros_like(ref), ref, comfy.samplers.KSAMPLER(_invert), flipped, disable_pbar=True, seed=seed
             )  # fmt: skip
         finally:
@@ -531,7 +543,9 @@ class ConductorGuider(_guider_base()):
         step = state.step_of(timestep)
         state.step = step
         if step is not None and step in state.reference_keys:
-            self._align(x, timestep, model_options, step)
+            for _ in range(self.settings.repeats(len(state.sigmas) - 1)):
+                self._align(x, timestep, model_options, step)
+            state.reference_keys.pop(step)
         positive_only = abs(float(self.cfg) - 1.0) < 1e-9
         conds, roles = self._roles(positive_only)
         state.capture_attention = bool(
@@ -563,7 +577,7 @@ class ConductorGuider(_guider_base()):
         import comfy.samplers
 
         state = self.state
-        reference = state.reference_keys.pop(step)
+        reference = state.reference_keys[step]
         conds, roles = self._roles(positive_only=True)
         state.keys = {}
         try:
@@ -581,8 +595,9 @@ class ConductorGuider(_guider_base()):
                     )
                 base = state.keys[Role(BASE, COND)]
                 concepts = [[state.keys[Role(i, COND)]] for i in range(self.n_concepts)]
+                fg = state.foreground(base.shape[1], base.device) if self.settings.use_loss_mask else None
                 loss = layout_loss(
-                    [base], concepts, [reference.to(base.device)], self.settings.concept_alignment_factor
+                    [base], concepts, [reference.to(base.device)], self.settings.concept_alignment_factor, [fg]
                 )
                 grad = torch.autograd.grad(loss, z)[0] if loss.requires_grad else None
         finally:
@@ -594,7 +609,8 @@ class ConductorGuider(_guider_base()):
             )
             return
         sigma = float(state.sigmas[step])
-        x.add_(latent_step(grad, sigma, self.settings.alignment_weight).to(x.dtype))
+        weight = self.settings.step_weight(len(state.sigmas) - 1)
+        x.add_(latent_step(grad, sigma, weight).to(x.dtype))
         self.steps_aligned += 1
 
 

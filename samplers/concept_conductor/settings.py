@@ -8,6 +8,9 @@ from dataclasses import dataclass, replace
 # configs/sample_sdxl_config.yaml (SDXL); their step numbers are of num_inference_steps = 200.
 
 
+OFFICIAL_STEPS = 200
+
+
 @dataclass(frozen=True)
 class ConductorSettings:
     """The method's knobs; the defaults are the official SD1.5 ones, with its step numbers (of 200 steps)
@@ -24,6 +27,31 @@ class ConductorSettings:
     overlap_threshold: float = 0.0  # mask_overlap_threshold, sample_config.yaml:67
     kmeans_restarts: int = 100  # num_kmeans_init, sample_config.yaml:68
     kmeans_seed: int = 0
+    use_loss_mask: bool = False  # use_loss_mask, sample_config.yaml:71 (sample_sdxl_config.yaml:69)
+    # the official runs take num_inference_steps = 200 (sample_config.yaml:41, sample_sdxl_config.yaml:39) and one
+    # latent step of alignment_weight per aligned step (61 on SD1.5: steps 0..60). A run of n steps with A aligned
+    # steps matches that with ``scale_by`` (r = official aligned steps / A, e.g. 61 / 10 at 30 steps):
+    #   "repeat": round(r) gradient steps of alignment_weight per aligned step (as many steps in all, of the same
+    #             size, as the official run; each costs a gradient pass);
+    #   "weight": one step of alignment_weight * r (as far to first order, cheaper; can overshoot at few steps);
+    # None: one step of alignment_weight per aligned step (weaker with fewer steps).
+    scale_to_steps: int | None = OFFICIAL_STEPS
+    scale_by: str = "repeat"
+
+    def _ratio(self, steps: int) -> float:
+        if not self.scale_to_steps or steps <= 0:
+            return 1.0
+        ours = len(self.alignment_steps(steps))
+        return len(self.alignment_steps(self.scale_to_steps)) / ours if ours else 1.0
+
+    def step_weight(self, steps: int) -> float:
+        """The weight of one alignment step in a run of ``steps`` steps (see ``scale_to_steps``)."""
+        scale = self._ratio(steps) if self.scale_by == "weight" else 1.0
+        return float(self.alignment_weight) * scale
+
+    def repeats(self, steps: int) -> int:
+        """Gradient steps per aligned step in a run of ``steps`` steps (see ``scale_to_steps``)."""
+        return max(1, round(self._ratio(steps))) if self.scale_by == "repeat" else 1
 
     def alignment_steps(self, steps: int) -> list[int]:
         if self.alignment_weight <= 0:

@@ -47,7 +47,7 @@ def _prompt(comfy_server, tiny_checkpoint, edloras) -> dict:
             DOG: {"edlora_name": edloras[DOG]},
             REGIONS: dict(small),
             LATENT: dict(small),
-            CONDUCTOR: {"steps": STEPS, "kmeans_restarts": KMEANS},
+            CONDUCTOR: {"steps": STEPS, "kmeans_restarts": KMEANS, "alignment_scale": "per step"},
             SAVE: {"filename_prefix": "concept_conductor_two_concepts"},
         },
     )

@@ -323,6 +323,7 @@ GOOD_TEXT = {
     ("MultiConceptConceptConductor", "scene_prompt"): "a cat and a dog on a sofa",
     ("MultiConceptConceptConductor", "steps"): 2,
     ("MultiConceptConceptConductor", "kmeans_restarts"): 2,
+    ("MultiConceptConceptConductor", "alignment_scale"): "per step",  # the default repeats 100x at 2 steps
     ("MultiConceptConceptConductorGuider", "scene_prompt"): "a cat and a dog on a sofa",
     ("MultiConceptConceptConductorGuider", "width"): 64,
     ("MultiConceptConceptConductorGuider", "height"): 64,

@@ -106,6 +106,7 @@ def plain(model, pos, neg, cfg=5.0, **kw):
 
 
 def settings(cc, **kw):
+    kw.setdefault("scale_to_steps", None)  # one alignment step per aligned step (the repeats: their own test)
     return cc["guider"].ConductorSettings(**kw)
 
 
@@ -362,7 +363,8 @@ TWO_BOXES = [
 def run_sampler_node(comfy, base, stack, regions=None, masks=None, **kw):
     model, clip, vae = base
     args = dict(noise_seed=3, steps=4, cfg=5.0, sampler_name="euler", scheduler="normal", concepts=stack,
-                scene_prompt=SCENE, negative="blurry", regions=regions, masks=masks, kmeans_restarts=4)  # fmt: skip
+                scene_prompt=SCENE, negative="blurry", regions=regions, masks=masks, kmeans_restarts=4,
+                alignment_scale="per step")  # fmt: skip
     args.update(kw)
     return comfy.node_class("MultiConceptConceptConductor").execute(model, clip, vae, {"samples": latent()}, **args)
 
@@ -378,12 +380,77 @@ def test_the_sampler_node_runs_with_regions_and_shows_its_masks(comfy, base):
     guider, start, _ = (
         comfy.node_class("MultiConceptConceptConductorGuider")
         .execute(
-            model, clip, 5.0, W, H, stack, SCENE, "blurry", regions=regions_of(comfy, TWO_BOXES), kmeans_restarts=4
+            model,
+            clip,
+            5.0,
+            W,
+            H,
+            stack,
+            SCENE,
+            "blurry",
+            regions=regions_of(comfy, TWO_BOXES),
+            kmeans_restarts=4,
+            alignment_scale="per step",
         )
         .result
     )
     assert start.shape == (2, H, W)
     torch.testing.assert_close(sample(guider, steps=4), samples["samples"], atol=1e-4, rtol=1e-4)
+
+
+def test_alignment_steps_loss_mask_and_reference_prompt_as_set(comfy, base, cc, monkeypatch):
+    """The latent step's weight is alignment_weight x 200 / steps (scaled) or alignment_weight (per step); with
+    use_loss_mask the loss weighs the tokens by the given masks summed (the official foreground); a reference is
+    inverted with reference_prompt's encoding."""
+    model, clip, _ = base
+    stack = lora_stack(comfy, ("cc_a.safetensors", "cat", ""), ("cc_b.safetensors", "dog", ""))
+    guider_mod = cc["guider"]
+    weights, foregrounds, inverted = [], [], []
+    real_step, real_loss, real_plain = (
+        guider_mod.latent_step,
+        guider_mod.layout_loss,
+        guider_mod.ConductorGuider._plain_guider,
+    )
+    monkeypatch.setattr(guider_mod, "latent_step", lambda g, s, w: weights.append(w) or real_step(g, s, w))
+    monkeypatch.setattr(guider_mod, "layout_loss", lambda *a: foregrounds.append(a[4][0]) or real_loss(*a))
+    monkeypatch.setattr(guider_mod.ConductorGuider, "_plain_guider",
+                        lambda self, cfg, positive=None: inverted.append(positive) or real_plain(self, cfg, positive))  # fmt: skip
+    strips = torch.zeros(2, H, W)  # a column of the alignment layer's 3x4 grid each, the rest background
+    strips[0, :, : W // 4], strips[1, :, W // 2 : 3 * W // 4] = 1.0, 1.0
+    # scaled to a run of 8 steps (the default is the official 200): its 5 aligned steps over our 3 at 4 steps give
+    # 2 repeats, or 5/3 of the weight
+    for scale, by, loss_mask, expected, repeats in ((8, "repeat", False, 10.0, 2), (8, "weight", False, 50 / 3, 1),
+                                                    (None, "repeat", True, 10.0, 1)):  # fmt: skip
+        s = settings(cc, shape_masks=False, alignment_end=0.5, scale_to_steps=scale, scale_by=by,
+                     use_loss_mask=loss_mask)  # fmt: skip
+        weights.clear(), foregrounds.clear()
+        guider = cc["setup"].build_guider("T", model, clip, stack, SCENE, "blurry", 5.0, strips, s)
+        assert has_range(sample(guider, steps=4))
+        assert weights == [pytest.approx(expected)] * (repeats * len(s.alignment_steps(4))) and weights
+        assert guider.steps_aligned == len(weights)
+        if not loss_mask:
+            assert all(f is None for f in foregrounds)
+            continue
+        fg = foregrounds[0].cpu()  # the alignment layer's grid: the two masks' cells (disjoint here: 0 or 1)
+        grid = (
+            cc["masks"]
+            .masks_at(strips, comfy.pack_module("samplers.scoped_lora.lowrank").token_grid(fg.numel(), H // 8, W // 8))
+            .bool()
+        )
+        assert torch.equal(fg, grid.float().sum(0).flatten()) and float(fg.mean()) == 0.5
+    # reference_prompt: the node refuses it without a reference, and inverts the reference with it
+    node = comfy.node_class("MultiConceptConceptConductorGuider")
+    with pytest.raises(ValueError, match="^Concept Conductor Guider: reference_prompt describes a reference, but none"):
+        node.execute(model, clip, 5.0, W, H, stack, SCENE, "", masks=two_masks(), reference_prompt="a cat")
+    reference = {"samples": plain(model, encode(clip, SCENE), encode(clip, "blurry"), seed=11)}
+    guider = node.execute(model, clip, 5.0, W, H, stack, SCENE, "", masks=two_masks(), reference_latent=reference,
+                          reference_prompt="a photo of two animals", shape_masks=False).result[0]  # fmt: skip
+    node_class = type(guider)  # the nodes' copy of the module (ComfyUI loaded the pack under its own name)
+    monkeypatch.setattr(node_class, "_plain_guider",
+                        lambda self, cfg, positive=None: inverted.append(positive) or real_plain(self, cfg, positive))  # fmt: skip
+    inverted.clear()
+    assert has_range(sample(guider, steps=3))
+    assert torch.equal(inverted[0][0][0], encode(clip, "a photo of two animals")[0][0])
 
 
 def test_the_nodes_refuse_bad_input_naming_themselves(comfy, base):

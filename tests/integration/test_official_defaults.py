@@ -54,6 +54,20 @@ def test_concept_conductor_widgets_default_to_the_official_sd15_config(comfy, no
         assert getattr(settings.OFFICIAL["sdxl"], name) == pytest.approx(CC_SDXL[name]), name
     assert widget_default(comfy, node_id, "cfg") == 7.5  # guidance_scale, sample_config.yaml:40
     assert widget_default(comfy, node_id, "settings_for") == "the model's family (official)"
+    # use_loss_mask: False, sample_config.yaml:71 (sample_sdxl_config.yaml:69)
+    assert widget_default(comfy, node_id, "use_loss_mask") is False and not settings.ConductorSettings().use_loss_mask
+    # the official alignment takes one step of attn_guidance_weight per step of num_inference_steps = 200 (line 41):
+    # 61 (steps 0..60); by default a run repeats it round(61 / its aligned steps) times, each of the official weight
+    assert widget_default(comfy, node_id, "alignment_scale") == "repeat to the official 200 steps"
+    default = settings.ConductorSettings()
+    assert default.scale_to_steps == 200 and default.scale_by == "repeat"
+    assert (default.repeats(200), default.step_weight(200)) == (1, 10.0)
+    assert len(default.alignment_steps(200)) == 61 and len(default.alignment_steps(30)) == 10
+    assert (default.repeats(30), default.step_weight(30)) == (6, 10.0)  # 60 gradient steps in all
+    weight = settings.ConductorSettings(scale_by="weight")
+    assert (weight.repeats(30), weight.step_weight(30)) == (1, pytest.approx(10.0 * 61 / 10))
+    per_step = settings.ConductorSettings(scale_to_steps=None)
+    assert (per_step.repeats(30), per_step.step_weight(30)) == (1, 10.0)
 
 
 def test_concept_conductor_takes_the_sdxl_config_on_an_sdxl_shaped_unet(comfy, tiny_models):
@@ -118,6 +132,14 @@ def test_omg_samples_each_concept_at_the_official_strength(comfy, node_id):
     stages = comfy.pack_module("samplers.omg.stages")
     assert stages.OFFICIAL_STRENGTH == 0.8
     assert widget_default(comfy, node_id, "strengths") == "0.8, as the official OMG"
+
+
+@pytest.mark.parametrize("node_id", ["MultiConceptOMG", "MultiConceptOMGStage1"])
+def test_omg_samples_with_the_official_steps_cfg_and_start(comfy, node_id):
+    # kongzhecn/OMG @e1bd7a8 inference_lora.py:42 num_inference_steps=50, :43 guidance_scale=7.5; the blend
+    # starts after step 15 of 50 (lora_pipeline.py:568 `if i > 15 and stage == 2`): step 16, our start 0.32
+    assert widget_default(comfy, node_id, "steps") == 50 and widget_default(comfy, node_id, "cfg") == 7.5
+    assert widget_default(comfy, node_id, "start") == 0.32 and round(0.32 * 50) == 16
 
 
 # ------------------------------------------------------------------------------------------ LoRA-Composer

@@ -165,7 +165,8 @@ def test_lora_composer_runs_the_controlnet_on_the_whole_call_and_keeps_its_boxes
 def run_conductor(comfy, base, **kw):
     model, clip, vae = base
     args = dict(noise_seed=3, steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", concepts=stack_of(comfy),
-                scene_prompt=SCENE, negative="blurry", masks=left_half(), shape_masks=False)  # fmt: skip
+                scene_prompt=SCENE, negative="blurry", masks=left_half(), shape_masks=False,
+                alignment_scale="per step")  # fmt: skip
     args.update(kw)
     latent = {"samples": torch.zeros(1, 4, H // 8, W // 8)}
     node = comfy.node_class("MultiConceptConceptConductor")
