@@ -82,8 +82,10 @@ def _stage1_inputs(with_concepts_required: bool) -> list:
         concepts,
         io.Latent.Input("latent_image", tooltip="An Empty Latent Image of the size to sample."),
         seed_input("seed", "Noise seed; both stages use it."),
-        sampling_steps_input(20, "Sampling steps of the whole schedule.", minimum=2, maximum=10000),
-        cfg_input(7.0, "Classifier-free guidance, for the scene and every concept."),
+        sampling_steps_input(
+            50, "Sampling steps of the whole schedule (official: 50; fewer are cheaper).", minimum=2, maximum=10000
+        ),
+        cfg_input(7.5, "Classifier-free guidance, for the scene and every concept (official: 7.5)."),
         sampler_name_input("Deterministic samplers (euler, dpmpp_2m, ...) continue stage 1 exactly."),
         scheduler_input(),
         prompt_input(

@@ -73,7 +73,11 @@ def test_lora_composer_workflow_runs_end_to_end(comfy_server, tiny_checkpoint, s
         0.5,
     )
     assert lc["isolation"] and lc["reinitialise"] and lc["stop_when_loss_rises"]
-    assert prompt[SAMPLE]["inputs"]["guider"] == [COMPOSER, 0] and prompt[SAMPLER]["inputs"]["sampler_name"] == "euler"
+    # the official sampler: DPM-Solver multistep (region_lora_sample.py:173), 50 steps (:23, here 4)
+    assert prompt[SAMPLE]["inputs"]["guider"] == [COMPOSER, 0]
+    assert (
+        prompt[SAMPLER]["inputs"]["sampler_name"] == "dpmpp_2m" and lc["lora_layers"] == "cross-attention k, v and out"
+    )
     assert prompt[MAPS]["inputs"]["samples"] == [SAMPLE, 0]
 
     entry = comfy_server.run(prompt, timeout=600)
