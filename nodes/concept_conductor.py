@@ -13,6 +13,7 @@ import torch
 from comfy_api.latest import io
 
 from ..samplers.concept_conductor.guider import ConductorError
+from ..samplers.concept_conductor.reference_masks import reference_masks
 from ..samplers.concept_conductor.settings import OFFICIAL_STEPS, ConductorSettings, for_family
 from ..samplers.concept_conductor.setup import build_guider, check_masks, mask_preview, parse_prompts
 from ..samplers.concept_stack.placement import concept_masks
@@ -20,9 +21,11 @@ from ..samplers.concept_stack.stack import ConceptStackError
 from ..samplers.edlora.model import EDLoRAApplyError, model_family
 from ..samplers.mixofshow.encoding import encode
 from ..samplers.mixofshow.plan import RegionalPlanError
+from ..samplers.omg.layout import LayoutError
+from ..samplers.omg.stages import OMGError
 from ..samplers.scene_conditioning import SceneConditioningError
 from ..samplers.scoped_lora.adapters import ScopedLoRAError
-from .common import CATEGORY_METHODS, ConceptStackType, NodeError, checked_inputs
+from .common import CATEGORY_METHODS, ConceptStackType, NodeError, checked_inputs, show_text
 from .inputs import (
     cfg_input,
     image_size_input,
@@ -35,10 +38,11 @@ from .inputs import (
     seed_input,
 )
 from .regions import RegionsType
+from .sam import SamModelType
 from .sampling import check_sampler_names, latent_output, sample_guider, scene_conds
 
 _ERRORS = (ConductorError, ScopedLoRAError, EDLoRAApplyError, RegionalPlanError, ConceptStackError,
-           SceneConditioningError)  # fmt: skip
+           SceneConditioningError, OMGError, LayoutError)  # fmt: skip
 CONDITIONING_WHERE = ("the base branch and the reference run; its ControlNet / T2I-Adapter acts on the concepts' "
                       "branches too (all branches are one batched call); they keep their own prompts")  # fmt: skip
 log = logging.getLogger("multiconcept")
@@ -201,12 +205,12 @@ def _inputs_later() -> list:
     ]
 
 
-def _conductor_inputs(head: list, reference) -> list:
+def _conductor_inputs(head: list, reference, tail=()) -> list:
     """A Concept Conductor node's inputs, in the order saved workflows rely on: the node's own first inputs, where
     the concepts go, the layout reference, the settings, then what came later."""
     return [
         *head, *_inputs_where(), reference, *_inputs_settings(), *scene_conditioning_inputs(CONDITIONING_WHERE),
-        *_inputs_later(),
+        *_inputs_later(), *tail,
     ]  # fmt: skip
 
 
@@ -262,7 +266,9 @@ def _masks(node: str, stack, regions, masks, width: int, height: int) -> torch.T
     if regions is None:
         raise NodeError(
             node,
-            "connect regions (a box per concept, matched by the concepts' region labels) or masks (one per concept).",
+            "connect regions (a box per concept, matched by the concepts' region labels) or masks (one per concept). "
+            "Without either, Concept Conductor Sampler finds them itself in the plain scene sample (each concept's "
+            "class word); with a reference image, give its subjects' masks.",
         )
     sx, sy = width / regions.width, height / regions.height
     if abs(sx - sy) > 8 / min(width, height):
@@ -293,6 +299,20 @@ def _guider(node, model, clip, concepts, scene_prompt, negative, cfg, regions, m
     if (reference_prompt or "").strip():
         guider.reference_positive = encode(clip, reference_prompt)
     return guider, m
+
+
+def _reference_masks(node, model, clip, vae, stack, latent_image, seed, steps, cfg, sampler_name, scheduler,
+                     scene_prompt, negative, given, sam) -> torch.Tensor:  # fmt: skip
+    """Neither boxes nor masks nor a reference image: the masks of the reference's subjects, found in the plain
+    scene sample (``reference_masks``); the node says so on its face and in the log."""
+    positive, negative_c = scene_conds(node, model, given, encode(clip, scene_prompt or ""), encode(clip, negative or ""),
+                                       "the scene prompt")  # fmt: skip
+    found = reference_masks(model, clip, vae, stack, latent_image, seed, int(steps), cfg, sampler_name, scheduler,
+                            scene_prompt, positive, negative_c, sam)  # fmt: skip
+    text = f"{node}: no boxes or masks given, so the masks are {found.how}."
+    log.info("[multi-concept] %s", text)
+    show_text(text)
+    return found.masks
 
 
 def _labels(stack) -> list[str]:
@@ -333,6 +353,14 @@ class ConceptConductor(io.ComfyNode):
                     tooltip="Optional layout reference (e.g. a picture with people and pets where you want them), the "
                     "sampled size. Without it the reference is the plain scene prompt from the same seed.",
                 ),
+                [
+                    SamModelType.Input(
+                        "sam",
+                        optional=True,
+                        tooltip="Optional SAM model: with neither regions nor masks, the masks found from each class "
+                        "word's attention in the plain scene sample are refined to the subjects' outlines.",
+                    )
+                ],
             ),
             outputs=_conductor_outputs(
                 io.Latent.Output(display_name="LATENT", tooltip="The picture's latent (decode it)."),
@@ -350,7 +378,7 @@ class ConceptConductor(io.ComfyNode):
                 refine_end=_D.refine_end, kmeans_restarts=_D.kmeans_restarts,
                 overlap_threshold=_D.overlap_threshold, settings_for=SETTINGS_FOR[0], positive_conditioning=None,
                 negative_conditioning=None, reference_prompt="", use_loss_mask=False,
-                alignment_scale=ALIGNMENT_SCALES[0]) -> io.NodeOutput:  # fmt: skip
+                alignment_scale=ALIGNMENT_SCALES[0], sam=None) -> io.NodeOutput:  # fmt: skip
         import comfy.samplers
         import comfy.utils
 
@@ -369,9 +397,12 @@ class ConceptConductor(io.ComfyNode):
                         f"{width}x{height}. Scale the reference (Upscale Image) or the latent to match."
                     )
                 reference = vae.encode(reference_image[:1, :, :, :3])
+            given = (positive_conditioning, negative_conditioning)
+            if regions is None and masks is None and reference is None and concepts is not None and len(concepts):
+                masks = _reference_masks(cls.NAME, model, clip, vae, concepts, latent_image, noise_seed, steps, cfg,
+                                         sampler_name, scheduler, scene_prompt, negative, given, sam)  # fmt: skip
             guider, _ = _guider(cls.NAME, model, clip, concepts, scene_prompt, negative, cfg, regions, masks,
-                                concept_prompts, settings, width, height, reference,
-                                (positive_conditioning, negative_conditioning), reference_prompt)  # fmt: skip
+                                concept_prompts, settings, width, height, reference, given, reference_prompt)  # fmt: skip
             sigmas = comfy.samplers.calculate_sigmas(
                 model.get_model_object("model_sampling"), scheduler, int(steps)
             ).to(torch.float32)  # fmt: skip

@@ -398,6 +398,27 @@ def test_the_sampler_node_runs_with_regions_and_shows_its_masks(comfy, base):
     torch.testing.assert_close(sample(guider, steps=4), samples["samples"], atol=1e-4, rtol=1e-4)
 
 
+def test_without_boxes_the_sampler_takes_the_masks_of_the_reference_subjects(comfy, base, cc):
+    """Neither regions nor masks: each concept's mask comes from its class word's attention in the plain scene
+    sample from the same seed (the official method takes the reference's subjects' masks)."""
+    model, clip, vae = base
+    stack = lora_stack(comfy, ("cc_a.safetensors", "cat", ""), ("cc_b.safetensors", "dog", ""))
+    out = run_sampler_node(comfy, base, stack, steps=3, shape_masks=False).result
+    assert has_range(out[0]["samples"])
+    found = comfy.pack_module("samplers.concept_conductor.reference_masks").reference_masks(
+        model, clip, vae, stack, {"samples": latent()}, 3, 3, 5.0, "euler", "normal", SCENE, encode(clip, SCENE),
+        encode(clip, "blurry"),
+    )  # fmt: skip
+    grid = (H // 8, W // 8)
+    expected = cc["masks"].masks_at(found.masks, grid)
+    assert expected.shape == (2, *grid) and all(float(m.sum()) > 0 for m in expected)
+    assert not torch.equal(expected[0], expected[1])  # the cat's and the dog's own attention
+    assert torch.equal(cc["masks"].masks_at(out[1], grid), expected)  # shape masks off: the masks it started from
+    assert "class word's attention" in found.how and not found.refined
+    with pytest.raises(ValueError, match="^Concept Conductor Sampler: .*'horse'.* is not in it"):
+        run_sampler_node(comfy, base, lora_stack(comfy, ("cc_a.safetensors", "horse", "")), steps=2)
+
+
 def test_alignment_steps_loss_mask_and_reference_prompt_as_set(comfy, base, cc, monkeypatch):
     """The latent step's weight is alignment_weight x 200 / steps (scaled) or alignment_weight (per step); with
     use_loss_mask the loss weighs the tokens by the given masks summed (the official foreground); a reference is
@@ -460,8 +481,8 @@ def test_the_nodes_refuse_bad_input_naming_themselves(comfy, base):
     error = sys.modules[comfy.node_class("MultiConceptConceptConductor").__module__].NodeError
     with pytest.raises(error, match="Concept Conductor Sampler: .*no region has that label"):
         run_sampler_node(comfy, base, stack, regions_of(comfy, TWO_BOXES[:1]))
-    with pytest.raises(error, match="Concept Conductor Sampler: connect regions"):
-        run_sampler_node(comfy, base, stack)
+    with pytest.raises(error, match="Concept Conductor Guider: connect regions .* or masks .*finds them itself"):
+        comfy.node_class("MultiConceptConceptConductorGuider").execute(base[0], base[1], 5.0, W, H, stack, SCENE, "")
     with pytest.raises(error, match="Concept Conductor Sampler: 1 mask\\(s\\) for 2 concept"):
         run_sampler_node(comfy, base, stack, masks=torch.ones(1, H, W))
     with pytest.raises(error, match="Concept Conductor Sampler: .*do not fit"):
