@@ -153,6 +153,7 @@ def _guider_prompt(tiny_checkpoint, edloras, regions: str) -> dict:
                 "negative": "lowres, blurry",
                 "regions": ["4", 0],
                 "kmeans_restarts": KMEANS,
+                "alignment_scale": "per step",  # the default repeats the alignment 30x at 2 steps
             },
         },
         "6": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
