@@ -321,9 +321,9 @@ GOOD_TEXT = {
     ("MultiConceptResponseWeightedMix", "prompt"): "a photo of <cat1> <cat2>",
     # Concept Conductor: two steps, few k-means restarts (each accepted value samples)
     ("MultiConceptConceptConductor", "scene_prompt"): "a cat and a dog on a sofa",
-    ("MultiConceptConceptConductor", "steps"): 2,
+    ("MultiConceptConceptConductor", "steps"): 1,  # still aligns (step 1) and runs every branch
     ("MultiConceptConceptConductor", "kmeans_restarts"): 2,
-    ("MultiConceptConceptConductor", "alignment_scale"): "per step",  # the default repeats 100x at 2 steps
+    ("MultiConceptConceptConductor", "alignment_scale"): "per step",  # the default repeats 61x at 1 step
     ("MultiConceptConceptConductorGuider", "scene_prompt"): "a cat and a dog on a sofa",
     ("MultiConceptConceptConductorGuider", "width"): 64,
     ("MultiConceptConceptConductorGuider", "height"): 64,
