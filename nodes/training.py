@@ -9,11 +9,28 @@ from comfy_api.latest import io, ui
 
 from ..formats.edlora import EDLoRAFileError, write_edlora_safetensors
 from ..samplers.edlora.model import EDLoRAApplyError, apply_edlora
+from ..training.augment import CAPTION_MODES, IMAGE_MODES
 from ..training.captions import PLACEHOLDER, CaptionError, prepare_captions
 from ..training.dataset import DatasetError
-from ..training.edlora_trainer import ORTHOGONAL_MODES, EDLoRATrainer, TrainingError, TrainSettings
+from ..training.edlora_trainer import (
+    ATTENTION_REGULARISERS,
+    ORTHOGONAL_MODES,
+    EDLoRATrainer,
+    TrainingError,
+    TrainSettings,
+)
 from ..training.loop import train
 from ..training.plots import loss_curve_image
+from ..training.recipe import (
+    ATTENTION_WEIGHT,
+    EMBEDDING_RULES,
+    LR_SCHEDULES,
+    NOISE_OFFSET,
+    NORM_THRESHOLD,
+    OFFICIAL_BATCH,
+    SAMPLES_PER_PICTURE,
+    WEIGHT_DECAY,
+)
 from ..training.state import STATE_SUFFIX, StateError
 from .common import (
     CATEGORY_EDLORA,
@@ -64,27 +81,33 @@ class TrainEDLoRA(io.ComfyNode):
             category=CATEGORY_EDLORA,
             description=(
                 "Learns a concept (a person, pet, object) from 5–20 pictures as an ED-LoRA: layer-wise token "
-                "embeddings for its words plus LoRA on the text encoder and the UNet's attention, as Mix-of-Show "
-                "trains them. Saves it under models/loras (never over an existing file) and outputs MODEL and CLIP "
+                "embeddings for its words plus LoRA on the text encoder and the UNet's attention, with Mix-of-Show's "
+                "recipe by default (its step count, learning rates and decay, augmentations, regulariser and "
+                "embedding rule; the help page cites each official value). Saves it under models/loras (never over an existing file) and outputs MODEL and CLIP "
                 "with it applied, the concept for a concept stack, and the loss curve. Cancel the prompt to stop: "
                 "the run is saved and can be resumed."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.5-family checkpoint's MODEL to train the concept for."),
                 io.Clip.Input("clip", tooltip="The same checkpoint's CLIP."),
-                io.Vae.Input("vae", tooltip="The checkpoint's VAE: encodes the pictures once, before training."),
+                io.Vae.Input(
+                    "vae", tooltip="The checkpoint's VAE: encodes each step's pictures (a fresh posterior sample)."
+                ),
                 io.Image.Input(
                     "images",
-                    tooltip="The training pictures (a batch). Each is scaled so its shorter side is the resolution "
-                    "and centre-cropped square; keep the subject near the middle.",
+                    tooltip="The training pictures (a batch). Scaled so the shorter side is the resolution; then, by "
+                    "default, half the time cropped (tall pictures from the top, keeping heads) and placed whole "
+                    "on a black square (Mix-of-Show's augmentation).",
                 ),
                 io.String.Input(
                     "captions",
                     multiline=True,
-                    default=f"a photo of {PLACEHOLDER}",
+                    default=PLACEHOLDER,
                     tooltip=f"One line per picture, in order (or one line for all). {PLACEHOLDER} stands for the "
-                    "concept words. Describe everything that is NOT the subject (background, other things, pose) so "
-                    f"it does not leak into the concept: 'a photo of {PLACEHOLDER} on a red sofa by a window'.",
+                    "concept words. Describe everything that is NOT the subject, in comma-separated parts after "
+                    f"{PLACEHOLDER}, so it does not leak into the concept: '{PLACEHOLDER}, on a red sofa, by a "
+                    "window'. By default the parts after the first are shuffled and the caption is put in a "
+                    "template ('a photo of a …') each step, as Mix-of-Show.",
                 ),
                 io.String.Input(
                     "concept_words",
@@ -105,7 +128,12 @@ class TrainEDLoRA(io.ComfyNode):
                     "appended: nothing is overwritten.",
                 ),
                 io.Int.Input(
-                    "steps", default=800, min=1, max=100_000, tooltip="Optimiser steps (Mix-of-Show: 800–1000)."
+                    "steps",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip=f"Optimiser steps. 0 = Mix-of-Show's count: {SAMPLES_PER_PICTURE} samples of each "
+                    f"picture, i.e. pictures × {SAMPLES_PER_PICTURE} / batch_size (10 pictures at batch 4: 1250).",
                 ),
                 _learning_rate(
                     "lr_embedding",
@@ -126,7 +154,14 @@ class TrainEDLoRA(io.ComfyNode):
                     "Learning rate of the UNet attention LoRA (Mix-of-Show: 1e-4). 0 trains and saves none.",
                 ),
                 io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank (Mix-of-Show: 4)."),
-                io.Int.Input("batch_size", default=2, min=1, max=64, tooltip="Pictures per step."),
+                io.Int.Input(
+                    "batch_size",
+                    default=OFFICIAL_BATCH,
+                    min=1,
+                    max=64,
+                    tooltip="Pictures per step (Mix-of-Show: 4, two on each of two GPUs). Lower it if memory runs "
+                    "out; with steps 0 the run still sees each picture 500 times.",
+                ),
                 io.Int.Input(
                     "resolution",
                     default=512,
@@ -150,17 +185,27 @@ class TrainEDLoRA(io.ComfyNode):
                     "masked_loss",
                     default=True,
                     optional=True,
-                    tooltip="With masks: average the loss inside the subject only.",
+                    tooltip="With masks: average the loss inside the subject only (Mix-of-Show: on). Without masks "
+                    "the loss counts the picture, not the black border the augmentation adds.",
                 ),  # fmt: skip
                 io.Float.Input(
                     "attention_weight",
-                    default=0.0,
+                    default=ATTENTION_WEIGHT,
                     min=0.0,
                     max=10.0,
                     step=0.001,
                     optional=True,
-                    tooltip="With masks: weight of the attention regulariser that keeps the concept words' "
-                    "cross-attention inside the subject (0.01 is a good start; 0 = off).",
+                    tooltip="Weight of the attention regulariser that keeps the concept words' cross-attention "
+                    "inside the subject mask (or, without masks, off the black border) (Mix-of-Show: 0.01; 0 = off).",
+                ),  # fmt: skip
+                io.Combo.Input(
+                    "attention_regulariser",
+                    options=list(ATTENTION_REGULARISERS),
+                    default=ATTENTION_REGULARISERS[0],
+                    optional=True,
+                    tooltip="'mix-of-show': the official loss (every cross-attention layer by resolution, each word's "
+                    "map over its batch maximum, its mean outside the mask). 'share outside': this pack's earlier "
+                    "loss (the share of each word's attention outside the mask, 16×16 layers only).",
                 ),  # fmt: skip
                 io.Combo.Input(
                     "orthogonal",
@@ -185,15 +230,73 @@ class TrainEDLoRA(io.ComfyNode):
                     optional=True,
                     tooltip="Weight of the orthogonality penalty (orthogonal = penalty).",
                 ),  # fmt: skip
+                io.Combo.Input(
+                    "embedding_rule",
+                    options=list(EMBEDDING_RULES),
+                    default=EMBEDDING_RULES[0],
+                    optional=True,
+                    tooltip="'freeze at mean norm' (Mix-of-Show): once the concept embeddings' mean norm reaches "
+                    "norm_cap they stop changing for the rest of the run and only the LoRAs learn. 'cap each row': "
+                    "after each step, rows longer than norm_cap are scaled back to it. 'off': neither.",
+                ),  # fmt: skip
                 io.Float.Input(
                     "norm_cap",
-                    default=0.55,
+                    default=NORM_THRESHOLD,
                     min=0.0,
                     max=10.0,
                     step=0.01,
                     optional=True,
-                    tooltip="After each step, token embeddings longer than this are scaled back to it (Mix-of-Show: "
-                    "0.55; CLIP's own tokens are about 0.4). 0 = no cap.",
+                    tooltip="The embedding rule's norm (Mix-of-Show: 0.55; CLIP's own tokens are about 0.4).",
+                ),  # fmt: skip
+                io.Combo.Input(
+                    "lr_schedule",
+                    options=list(LR_SCHEDULES),
+                    default=LR_SCHEDULES[0],
+                    optional=True,
+                    tooltip="'linear to 0' (Mix-of-Show): every learning rate falls linearly to 0 over the run, no "
+                    "warm-up. 'constant': the rates as given throughout.",
+                ),  # fmt: skip
+                io.Float.Input(
+                    "weight_decay",
+                    default=WEIGHT_DECAY,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    optional=True,
+                    tooltip="AdamW weight decay of every part, embeddings included (Mix-of-Show: 0.01).",
+                ),  # fmt: skip
+                io.Float.Input(
+                    "noise_offset",
+                    default=NOISE_OFFSET,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    optional=True,
+                    tooltip="Per-channel offset added to the training noise (Mix-of-Show: 0.01).",
+                ),  # fmt: skip
+                io.Combo.Input(
+                    "image_augmentation",
+                    options=list(IMAGE_MODES),
+                    default=IMAGE_MODES[0],
+                    optional=True,
+                    tooltip="'crop and place (official)': each step, half the time a crop (tall pictures from the "
+                    "top), then the whole picture placed at a random spot on a black square. 'centre crop': every "
+                    "picture centre-cropped square, the same each step.",
+                ),  # fmt: skip
+                io.Combo.Input(
+                    "caption_augmentation",
+                    options=list(CAPTION_MODES),
+                    default=CAPTION_MODES[0],
+                    optional=True,
+                    tooltip="Each step: shuffle the comma-separated parts after the first, then put the caption in "
+                    "a random template ('a photo of a …'). Mix-of-Show uses the human templates in every config.",
+                ),  # fmt: skip
+                io.Boolean.Input(
+                    "sample_posterior",
+                    default=True,
+                    optional=True,
+                    tooltip="Draw a fresh sample of the VAE's posterior each step (Mix-of-Show) instead of always "
+                    "its mean.",
                 ),  # fmt: skip
                 io.Int.Input(
                     "preview_every",
@@ -235,8 +338,12 @@ class TrainEDLoRA(io.ComfyNode):
     @checked_inputs(NAME)
     def execute(cls, model, clip, vae, images, captions, concept_words, class_word, output_name, steps, lr_embedding,
                 lr_text, lr_unet, rank, batch_size, resolution, seed, masks=None, masked_loss=True,
-                attention_weight=0.0, orthogonal="off", orthogonal_to=None, orthogonality_weight=1e-3, norm_cap=0.55,
-                preview_every=0, preview_prompt=f"a photo of {PLACEHOLDER}", resume=NO_RESUME) -> io.NodeOutput:  # fmt: skip
+                attention_weight=ATTENTION_WEIGHT, attention_regulariser=ATTENTION_REGULARISERS[0], orthogonal="off",
+                orthogonal_to=None, orthogonality_weight=1e-3, embedding_rule=EMBEDDING_RULES[0],
+                norm_cap=NORM_THRESHOLD, lr_schedule=LR_SCHEDULES[0], weight_decay=WEIGHT_DECAY,
+                noise_offset=NOISE_OFFSET, image_augmentation=IMAGE_MODES[0], caption_augmentation=CAPTION_MODES[0],
+                sample_posterior=True, preview_every=0, preview_prompt=f"a photo of {PLACEHOLDER}",
+                resume=NO_RESUME) -> io.NodeOutput:  # fmt: skip
         import comfy.model_management
 
         stem = check_output_name(NAME, "output_name", output_name)
@@ -245,7 +352,9 @@ class TrainEDLoRA(io.ComfyNode):
         words = tuple(concept_words.split())
         n_images = int(images.shape[0]) if hasattr(images, "shape") and images.ndim == 4 else 0
         try:
-            prepared = prepare_captions(captions, n_images, " ".join(words))
+            templated = str(caption_augmentation).startswith("shuffle + ")  # (an unknown mode is refused below)
+            prepared = prepare_captions(captions, n_images, " ".join(words),
+                                        default=PLACEHOLDER if templated else f"a photo of {PLACEHOLDER}")  # fmt: skip
         except CaptionError as e:
             raise NodeError(NAME, str(e)) from None
         for w in prepared.warnings:
@@ -257,8 +366,11 @@ class TrainEDLoRA(io.ComfyNode):
         settings = TrainSettings(
             concept_words=words, class_word=class_word.strip(), steps=steps, lr_embedding=lr_embedding,
             lr_text=lr_text, lr_unet=lr_unet, rank=rank, batch_size=batch_size, seed=seed, resolution=resolution,
-            masked_loss=masked_loss, attention_weight=attention_weight, orthogonal=orthogonal,
-            orthogonality_weight=orthogonality_weight, norm_cap=norm_cap,
+            masked_loss=masked_loss, attention_weight=attention_weight, attention_regulariser=attention_regulariser,
+            orthogonal=orthogonal, orthogonality_weight=orthogonality_weight, embedding_rule=embedding_rule,
+            norm_cap=norm_cap, lr_schedule=lr_schedule, weight_decay=weight_decay, noise_offset=noise_offset,
+            image_augmentation=image_augmentation, caption_augmentation=caption_augmentation,
+            sample_posterior=sample_posterior,
         )  # fmt: skip
         resume_path = None
         if resume and resume != NO_RESUME:
@@ -275,14 +387,15 @@ class TrainEDLoRA(io.ComfyNode):
 
         os.makedirs(states_dir(), exist_ok=True)
         state_path = resume_path or free_path(states_dir(), stem, STATE_SUFFIX)
-        progress = NodeProgress(steps)
+        total = trainer.settings.steps  # steps 0 resolved to Mix-of-Show's count
+        progress = NodeProgress(total)
 
         def report(step, loss, parts):
-            progress.update(step, steps, f"step {step}/{steps}  loss {loss:.4f}")
+            progress.update(step, total, f"step {step}/{total}  loss {loss:.4f}")
 
         def preview(step):
             img = trainer.preview(preview_prompt, seed)
-            progress.update(step, steps, preview=("JPEG", _pil(img[0]), 512))
+            progress.update(step, total, preview=("JPEG", _pil(img[0]), 512))
 
         try:
             result = train(trainer, state_path=state_path, resume=resume_path, report=report,

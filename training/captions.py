@@ -36,14 +36,17 @@ def split_captions(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def prepare_captions(text: str, num_images: int, concept_words: str) -> Captions:
+def prepare_captions(
+    text: str, num_images: int, concept_words: str, default: str = f"a photo of {PLACEHOLDER}"
+) -> Captions:
     """Captions for ``num_images`` images with ``<TOK>`` replaced by ``concept_words``.
 
     * One line per image, in image order. A single line is used for every image. Any other count is an
       error (which caption belongs to which picture would be a guess).
     * A caption without ``<TOK>`` gets ``concept_words`` put in front of it, with a warning: the concept
       must be named in every caption or its words learn nothing from that image.
-    * No caption at all: "a photo of <TOK>" for every image, with a warning.
+    * No caption at all: ``default`` ("a photo of <TOK>"; "<TOK>" when the trainer adds the templates) for every
+      image, with a warning.
     """
     if num_images < 1:
         raise CaptionError("there are no images to caption")
@@ -53,8 +56,8 @@ def prepare_captions(text: str, num_images: int, concept_words: str) -> Captions
     lines = split_captions(text)
     warnings: list[str] = []
     if not lines:
-        lines = [f"a photo of {PLACEHOLDER}"]
-        warnings.append(f"no captions given: every image is captioned 'a photo of {words}'")
+        lines = [default]
+        warnings.append(f"no captions given: every image is captioned '{default.replace(PLACEHOLDER, words)}'")
     if len(lines) == 1 and num_images > 1:
         lines = lines * num_images
     elif len(lines) != num_images:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .augment import short_side_to
+
 MAX_UPSCALE = 2.0
 
 
@@ -18,8 +20,11 @@ class DatasetError(ValueError):
     """Pictures or masks that cannot be trained on; the message says which and what to do."""
 
 
-def _fit(x: torch.Tensor, resolution: int, mode: str) -> torch.Tensor:
-    """``[N, C, H, W]`` -> ``[N, C, R, R]``: shorter side to ``R``, centre crop."""
+def _fit(x: torch.Tensor, resolution: int, mode: str, crop: bool = True) -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N, C, R, R]``: shorter side to ``R``, centre crop. Without ``crop``: shorter side
+    to ``R`` only (for Mix-of-Show's augmentation, which crops and places each sample itself)."""
+    if not crop:
+        return torch.stack([short_side_to(img, resolution) for img in x]).clamp(0, 1)
     h, w = x.shape[-2:]
     scale = resolution / min(h, w)
     nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
@@ -32,8 +37,9 @@ def _fit(x: torch.Tensor, resolution: int, mode: str) -> torch.Tensor:
     return x[..., top : top + resolution, left : left + resolution]
 
 
-def fit_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """ComfyUI IMAGE ``[B, H, W, C]`` (0..1) -> ``[B, H', W', 3]`` at ``resolution²`` (alpha dropped)."""
+def fit_images(images: torch.Tensor, resolution: int, crop: bool = True) -> torch.Tensor:
+    """ComfyUI IMAGE ``[B, H, W, C]`` (0..1) -> ``[B, H', W', 3]`` at ``resolution²`` (alpha dropped); without
+    ``crop`` the shorter side is ``resolution`` and the aspect is kept."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
         raise DatasetError("no images: connect a batch of training pictures (IMAGE)")
     if images.shape[-1] not in (1, 3, 4):
@@ -52,11 +58,11 @@ def fit_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
     if x.shape[-1] == 1:
         x = x.expand(-1, -1, -1, 3)
     x = x.permute(0, 3, 1, 2)
-    return _fit(x, resolution, "bicubic").permute(0, 2, 3, 1).contiguous()
+    return _fit(x, resolution, "bicubic", crop).permute(0, 2, 3, 1).contiguous()
 
 
 def fit_masks(
-    masks: torch.Tensor | None, num_images: int, image_hw: tuple[int, int], resolution: int
+    masks: torch.Tensor | None, num_images: int, image_hw: tuple[int, int], resolution: int, crop: bool = True
 ) -> torch.Tensor | None:
     """Subject masks -> ``[B, R, R]`` in [0, 1], cropped like the images; ``None`` stays ``None``.
 
@@ -89,4 +95,6 @@ def fit_masks(
     empty = [i + 1 for i in range(m.shape[0]) if float(m[i].max()) <= 0]
     if empty:
         raise DatasetError(f"subject mask(s) {empty} are empty: every image needs its subject marked")
-    return _fit(m[:, None], resolution, "bilinear")[:, 0].clamp(0, 1).contiguous()
+    if not crop and tuple(m.shape[1:]) != (h, w):  # same pixels as the images before the shorter side is set
+        m = F.interpolate(m[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+    return _fit(m[:, None], resolution, "bilinear", crop)[:, 0].clamp(0, 1).contiguous()

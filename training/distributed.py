@@ -15,9 +15,14 @@ The config is a JSON file::
       "captions": "/data/mycat/captions.txt",    # optional: one line per image (sorted order), or a list
       "concept_words": "<mycat1> <mycat2>", "class_word": "cat",
       "output": "/models/loras/mycat.safetensors",
-      "steps": 800, "batch_size": 2, "lr_embedding": 1e-3, "lr_text": 1e-5, "lr_unet": 1e-4, "rank": 4,
-      "seed": 0, "resolution": 512, "masked_loss": true, "attention_weight": 0.0, "norm_cap": 0.55,
+      "steps": 0,                                # 0: pictures × 500 / batch_size (Mix-of-Show's count)
+      "batch_size": 4, "lr_embedding": 1e-3, "lr_text": 1e-5, "lr_unet": 1e-4, "rank": 4,
+      "seed": 0, "resolution": 512, "masked_loss": true, "attention_weight": 0.01, "norm_cap": 0.55,
+      "embedding_rule": "freeze at mean norm", "lr_schedule": "linear to 0", "weight_decay": 0.01,
+      "noise_offset": 0.01, "image_augmentation": "crop and place (official)",
+      "caption_augmentation": "shuffle + human templates", "sample_posterior": true,
       "adam_epsilon": 1e-8,                      # AdamW's epsilon
+      (any key left out takes the Train ED-LoRA node's default: Mix-of-Show's recipe, training/recipe.py)
       "state": "/runs/mycat.state.safetensors",  # optional: written when the run stops; read with --resume
       "log_every": 10
     }
@@ -42,7 +47,9 @@ log = logging.getLogger("multiconcept")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SETTING_KEYS = ("steps", "lr_embedding", "lr_text", "lr_unet", "rank", "batch_size", "seed", "resolution",
-                "masked_loss", "attention_weight", "norm_cap", "adam_epsilon")  # fmt: skip
+                "masked_loss", "attention_weight", "attention_regulariser", "full_identity", "norm_cap",
+                "embedding_rule", "lr_schedule", "weight_decay", "noise_offset", "image_augmentation",
+                "caption_augmentation", "sample_posterior", "adam_epsilon")  # fmt: skip
 
 
 class _LossModule(torch.nn.Module):
@@ -133,6 +140,7 @@ def run(cfg: dict, resume: bool = False) -> str | None:
             raise TrainingError(f"{output} exists; choose another output (files are never overwritten)")
         model, clip, vae = load_models(cfg["checkpoint"])
         trainer = EDLoRATrainer(model, clip, vae, images, list(captions.texts), settings, masks)
+        settings = trainer.settings  # steps 0 resolved to the official count
         per_rank = settings.batch_size // world
         rows = list(range(rank * per_rank, (rank + 1) * per_rank))
         step_loss = None

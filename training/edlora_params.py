@@ -7,10 +7,11 @@
   with Mix-of-Show's initialisation, the optimiser's parameter groups, a flat name -> tensor view (for
   resume states and the distributed gradient average) and the conversion to the file format.
 
-Initialisation (Mix-of-Show): LoRA ``down ~ N(0, 1/rank)``, ``up = 0`` (so training starts from the base
-model exactly); the last concept word starts as the class word's embedding in every layer, the others as
-``N(0, 0.013²)`` (about a real token's norm), so the class word anchors the concept while the other words
-learn what sets it apart.
+Initialisation (Mix-of-Show, see :mod:`.recipe`): LoRA ``down`` as ``kaiming_uniform_(a=√5)``, i.e.
+``U(±1/√in)`` (std ``1/√(3·in)``), ``up = 0`` (so training starts from the base model exactly); the last concept
+word starts as the class word's embedding, the others as one ``N(0, 0.013²)`` vector (about a real token's
+norm), each copied to every layer, so the class word anchors the concept while the other words learn what sets
+it apart.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.edlora import EDLoRAWeights, LoRAPair
-
-RANDOM_WORD_STD = 0.013
+from .recipe import RANDOM_WORD_STD, WEIGHT_DECAY, lora_down_bound
 
 
 class LoRADelta(torch.nn.Module):
@@ -31,7 +31,8 @@ class LoRADelta(torch.nn.Module):
         if frozen_down is not None:
             self.register_buffer("down", frozen_down.float().clone())
         else:
-            self.down = torch.nn.Parameter(torch.randn(rank, in_features, generator=generator) / rank)
+            bound = lora_down_bound(in_features)
+            self.down = torch.nn.Parameter((torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound)
         self.up = torch.nn.Parameter(torch.zeros(out_features, rank))
 
     def delta(self) -> torch.Tensor:
@@ -87,12 +88,12 @@ class EDLoRAParameters(torch.nn.Module):
     def unet_items(self):
         return [(self._unet_modules[k], v) for k, v in self.unet_lora.items()]
 
-    def param_groups(self, lr_embedding: float, lr_text: float, lr_unet: float, weight_decay: float = 0.01):
-        """AdamW groups: embeddings (no decay: the norm cap bounds them), text LoRA, UNet LoRA. A part with
-        learning rate 0 is left out (it stays at its initial value: no update)."""
+    def param_groups(self, lr_embedding: float, lr_text: float, lr_unet: float, weight_decay: float = WEIGHT_DECAY):
+        """AdamW groups: embeddings, text LoRA, UNet LoRA, all with ``weight_decay`` (Mix-of-Show: AdamW's 0.01 on
+        every group). A part with learning rate 0 is left out (it stays at its initial value: no update)."""
         groups = []
         if lr_embedding > 0:
-            groups.append({"params": list(self.embeddings.values()), "lr": lr_embedding, "weight_decay": 0.0})
+            groups.append({"params": list(self.embeddings.values()), "lr": lr_embedding, "weight_decay": weight_decay})
         text = [p for p in self.text_lora.parameters() if p.requires_grad]
         if lr_text > 0 and text:
             groups.append({"params": text, "lr": lr_text, "weight_decay": weight_decay})
@@ -156,12 +157,14 @@ def _key(name: str) -> str:
 
 def initial_embeddings(words: tuple[str, ...], class_embedding: torch.Tensor, layers: int,
                        generator: torch.Generator) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The last word = the class word's embedding in every layer; the others ``N(0, 0.013²)``."""
+    """The last word = the class word's embedding, the others one ``N(0, 0.013²)`` vector each; every word's
+    vector copied to all ``layers`` rows (``trainer_edlora.py`` l. 170-185: one ``init_feature`` per word)."""
     width = int(class_embedding.shape[-1])
     out = {}
     for i, w in enumerate(words):
         if i == len(words) - 1:
-            out[w] = class_embedding.float().reshape(1, width).repeat(layers, 1)
+            vector = class_embedding.float().reshape(1, width)
         else:
-            out[w] = torch.randn(layers, width, generator=generator) * RANDOM_WORD_STD
+            vector = torch.randn(1, width, generator=generator) * RANDOM_WORD_STD
+        out[w] = vector.repeat(layers, 1)
     return out

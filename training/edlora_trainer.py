@@ -1,16 +1,20 @@
 """Training an ED-LoRA on ComfyUI's own model code (the ComfyUI glue of the trainer).
 
-What one step does (Mix-of-Show's recipe, DESIGN.md §4 "Training"):
+What one step does (Mix-of-Show's recipe, DESIGN.md §4 "Training"; the official values in :mod:`.recipe`):
 
-1. pick ``batch_size`` pictures and, for each, a timestep ``t ~ U{0..999}`` and noise ``ε`` — all drawn from a
-   generator seeded by ``(seed, step)``, so a step is the same step whether or not the run was interrupted;
-2. encode each caption once per cross-attention layer with that layer's concept tokens (16 encodings on
+1. pick ``batch_size`` pictures and, for each, a timestep ``t ~ U{0..999}``, noise ``ε`` (plus a per-channel
+   offset, ``noise_offset``) and the augmentations (:mod:`.augment`: crop and place on a black canvas, caption
+   shuffle and template) — all drawn from generators seeded by ``(seed, step)``, so a step is the same step
+   whether or not the run was interrupted;
+2. encode the augmented pictures with the VAE and draw a fresh sample of its posterior (``mean + std · n``);
+3. encode each caption once per cross-attention layer with that layer's concept tokens (16 encodings on
    SD1.5) through the text encoder carrying the trainable text-encoder LoRA — the same encoder the loader
    uses at inference, so what is trained is what is sampled;
-3. run the UNet (trainable LoRA on every attention projection, layer ``i`` reading encoding ``i``) on the
-   noised latent and take the noise-prediction MSE (inside the subject mask when masks are given), plus the
-   chosen regularisers (:mod:`.losses`);
-4. AdamW step on the three parameter groups, then cap the token embeddings' norms.
+4. run the UNet (trainable LoRA on every attention projection, layer ``i`` reading encoding ``i``) on the
+   noised latent and take the noise-prediction error (inside the subject mask, or the picture's own area),
+   plus the attention regulariser when there is a mask to keep the words' attention in (:mod:`.losses`);
+5. AdamW step on the three parameter groups at this step's learning rate (linear decay to 0), then the
+   embedding rule (frozen for the rest of the run once their mean norm reaches 0.55).
 
 The LoRAs act through ComfyUI weight wrappers on clones of the user's MODEL and CLIP
 (``ModelPatcher.add_weight_wrapper``), which ComfyUI removes when another model is loaded; the inputs are
@@ -25,8 +29,9 @@ import contextlib
 import hashlib
 import logging
 import math
+import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -36,6 +41,7 @@ from ..samplers.edlora.layerwise import cross_attention_order, layer_index
 from ..samplers.edlora.model import FAMILIES, add_layerwise_routing, model_family, text_encoder_prefixes
 from ..samplers.edlora.tokens import MARKER_KEY, is_marker
 from ..samplers.edlora.vocabulary import ConceptEntry, ConceptVocabulary
+from .augment import CAPTION_MODES, IMAGE_MODES, augment_caption, longest_template, official_crop
 from .dataset import fit_images, fit_masks
 from .edlora_params import EDLoRAParameters, initial_embeddings
 from .losses import (
@@ -43,9 +49,22 @@ from .losses import (
     cap_norm_,
     denoising_loss,
     keep_from_zero,
+    mean_norm,
+    mixofshow_attention_loss,
     orthogonal_basis,
     orthogonality_penalty,
     resize_mask,
+)
+from .recipe import (
+    ATTENTION_WEIGHT,
+    EMBEDDING_RULES,
+    LR_SCHEDULES,
+    NOISE_OFFSET,
+    NORM_THRESHOLD,
+    OFFICIAL_BATCH,
+    WEIGHT_DECAY,
+    auto_steps,
+    lr_factor,
 )
 
 log = logging.getLogger("multiconcept")
@@ -53,6 +72,7 @@ log = logging.getLogger("multiconcept")
 UNET_ATTENTION = re.compile(r"attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 TEXT_ATTENTION = re.compile(r"text_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
 ORTHOGONAL_MODES = ("off", "penalty", "frozen basis")
+ATTENTION_REGULARISERS = ("mix-of-show", "share outside")
 TRAIN_TIMESTEPS = 1000
 
 
@@ -62,22 +82,33 @@ class TrainingError(ValueError):
 
 @dataclass(frozen=True)
 class TrainSettings:
+    """One run's settings; the defaults are Mix-of-Show's (:mod:`.recipe` cites each)."""
+
     concept_words: tuple[str, ...]
     class_word: str
-    steps: int = 800
+    steps: int = 0  # 0: pictures × 500 samples / batch_size, as the official configs
     lr_embedding: float = 1e-3
     lr_text: float = 1e-5
     lr_unet: float = 1e-4
     rank: int = 4
-    batch_size: int = 1
+    batch_size: int = OFFICIAL_BATCH
     seed: int = 0
     resolution: int = 512
     masked_loss: bool = True
-    attention_weight: float = 0.0
+    attention_weight: float = ATTENTION_WEIGHT
+    attention_regulariser: str = "mix-of-show"
+    full_identity: bool = False
     orthogonal: str = "off"
     orthogonality_weight: float = 1e-3
     keep_from_zero_weight: float = 1e-4
-    norm_cap: float = 0.55
+    embedding_rule: str = "freeze at mean norm"
+    norm_cap: float = NORM_THRESHOLD  # the threshold of the embedding rule (freeze or cap)
+    lr_schedule: str = "linear to 0"
+    weight_decay: float = WEIGHT_DECAY
+    noise_offset: float = NOISE_OFFSET
+    image_augmentation: str = IMAGE_MODES[0]
+    caption_augmentation: str = CAPTION_MODES[0]
+    sample_posterior: bool = True
     adam_epsilon: float = 1e-8
 
     def check(self) -> None:
@@ -98,13 +129,18 @@ class TrainSettings:
                 "the embedding learning rate is 0: the concept words would learn nothing. Use about 1e-3 (set the "
                 "LoRA rates to 0 instead to train the words alone)"
             )
-        if self.steps < 1 or self.batch_size < 1 or self.rank < 1:
-            raise TrainingError("steps, batch size and rank must be at least 1")
-        if self.orthogonal not in ORTHOGONAL_MODES:
-            raise TrainingError(f"orthogonal must be one of {ORTHOGONAL_MODES}, not {self.orthogonal!r}")
+        if self.steps < 0 or self.batch_size < 1 or self.rank < 1:
+            raise TrainingError("batch size and rank must be at least 1, steps at least 0 (0 = Mix-of-Show's count)")
+        choices = {"orthogonal": ORTHOGONAL_MODES, "attention_regulariser": ATTENTION_REGULARISERS,
+                   "embedding_rule": EMBEDDING_RULES, "lr_schedule": LR_SCHEDULES, "image_augmentation": IMAGE_MODES,
+                   "caption_augmentation": CAPTION_MODES}  # fmt: skip
+        for name, options in choices.items():
+            if getattr(self, name) not in options:
+                raise TrainingError(f"{name} must be one of {options}, not {getattr(self, name)!r}")
         if not math.isfinite(self.adam_epsilon) or self.adam_epsilon <= 0:
             raise TrainingError(f"adam_epsilon = {self.adam_epsilon} must be a positive number")
-        for name in ("attention_weight", "orthogonality_weight", "keep_from_zero_weight", "norm_cap"):
+        for name in ("attention_weight", "orthogonality_weight", "keep_from_zero_weight", "norm_cap", "weight_decay",
+                     "noise_offset"):  # fmt: skip
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise TrainingError(f"{name} = {value} must be a finite number ≥ 0")
@@ -259,12 +295,18 @@ class _LayerContextRouter:
 
 
 class _AttentionProbe:
-    """attn2 replace patch on the low-resolution layers: plain attention, computed explicitly so the
-    concept tokens' attention maps (head-averaged) are kept, with their graph, for the regulariser."""
+    """attn2 replace patch on the probed layers: plain attention, computed explicitly so the concept tokens'
+    attention maps are kept, with their graph, for the regulariser: per number of queries (one resolution), the
+    sum over heads and layers of each word's map and the number of heads summed (Mix-of-Show averages over
+    every head of every layer of a resolution)."""
 
     def __init__(self):
         self.positions: list[list[int]] | None = None  # per batch row: token positions of the concept words
-        self.maps: list[torch.Tensor] = []  # [B, N, queries]
+        self.sums: dict[int, tuple[torch.Tensor, int]] = {}  # queries -> ([B, N, queries], heads)
+
+    def reset(self, positions: list[list[int]] | None) -> None:
+        self.positions = positions
+        self.sums = {}
 
     def __call__(self, q, k, v, extra_options):
         heads = int(extra_options["n_heads"])
@@ -276,13 +318,15 @@ class _AttentionProbe:
         probs = torch.softmax((qh.float() @ kh.float().transpose(-1, -2)) * d**-0.5, dim=-1)  # [b, h, nq, T]
         out = (probs.to(vh.dtype) @ vh).transpose(1, 2).reshape(b, nq, inner)
         if self.positions is not None:
-            mean = probs.mean(1)  # [b, nq, T]
+            summed = probs.sum(1)  # [b, nq, T]
             width = max(len(p) for p in self.positions)
             rows = []
             for r, pos in enumerate(self.positions):
-                idx = torch.tensor(pos + pos[-1:] * (width - len(pos)), device=mean.device)
-                rows.append(mean[r][:, idx].transpose(0, 1))  # [N, nq]
-            self.maps.append(torch.stack(rows))
+                idx = torch.tensor(pos + pos[-1:] * (width - len(pos)), device=summed.device)
+                rows.append(summed[r][:, idx].transpose(0, 1))  # [N, nq]
+            maps = torch.stack(rows)
+            total, count = self.sums.get(nq, (0, 0))
+            self.sums[nq] = (maps + total, count + heads)
         return out
 
 
@@ -307,13 +351,23 @@ class EDLoRATrainer:
         import comfy.model_management
 
         self.family = FAMILIES[family]
-        pixels = fit_images(images, settings.resolution)
-        self.masks = fit_masks(masks, pixels.shape[0], tuple(images.shape[1:3]), settings.resolution)
+        self.placing = settings.image_augmentation == IMAGE_MODES[0]
+        crop = not self.placing  # the official augmentation crops and places each sample itself
+        pixels = fit_images(images, settings.resolution, crop=crop)
+        self.pixels = pixels.permute(0, 3, 1, 2).contiguous()  # [N, 3, H, W]
+        self.masks = fit_masks(masks, pixels.shape[0], tuple(images.shape[1:3]), settings.resolution, crop=crop)
         self.captions = list(captions)
         self.num_images = pixels.shape[0]
+        if settings.steps == 0:
+            settings = replace(settings, steps=auto_steps(self.num_images, settings.batch_size))
+            self.settings = settings
+        self.vae = vae
+        self.process_latent_in = model.model.process_latent_in
         with torch.inference_mode(False), torch.no_grad():
-            latent = vae.encode(pixels[..., :3])
-            self.latents = model.model.process_latent_in(latent.float()).detach().clone()
+            r = settings.resolution
+            self.latent_shape = tuple(vae.encode(torch.zeros(1, r, r, 3)).shape[1:])
+            # without the crop-and-place augmentation the pictures never change: their posteriors are kept
+            self.posteriors = None if self.placing else _encode_posterior(vae, self.pixels)
         self.device = comfy.model_management.get_torch_device()
         self.identity = {
             "model": None,  # filled in by load(): the weights as loaded, with the MODEL's own patches
@@ -321,9 +375,10 @@ class EDLoRATrainer:
             "class_word": settings.class_word,
             "rank": settings.rank,
             "resolution": settings.resolution,
-            "images": _tensor_digest(self.latents),
+            "images": _tensor_digest(self.pixels),
             "orthogonal": settings.orthogonal,
         }
+        self.frozen_embeddings: dict[str, torch.Tensor] | None = None  # set when the embedding rule freezes them
 
         gen = torch.Generator().manual_seed(int(settings.seed))
         with torch.inference_mode(False):
@@ -341,20 +396,23 @@ class EDLoRATrainer:
             self.params.to(self.device)
             self.old_downs = self._old_downs(existing) if settings.orthogonal == "penalty" else None
             self.optimizer = torch.optim.AdamW(
-                self.params.param_groups(settings.lr_embedding, settings.lr_text, settings.lr_unet),
+                self.params.param_groups(settings.lr_embedding, settings.lr_text, settings.lr_unet,
+                                         settings.weight_decay),
                 eps=settings.adam_epsilon,
-            )
-        self.vae = vae
+            )  # fmt: skip
+            self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         for part, lr in ((self.params.text_lora, settings.lr_text), (self.params.unet_lora, settings.lr_unet)):
             if lr == 0:
                 part.requires_grad_(False)  # not trained: no gradients, nothing for a distributed run to average
         self._wire(model, clip)
+        template = longest_template(settings.caption_augmentation)
         for i, caption in enumerate(self.captions):
-            sections = self.clip.tokenize(caption)["l"]
+            sections = self.clip.tokenize(template.format(caption))["l"]
             if len(sections) > 1:
+                added = "" if template == "{}" else f" once put in the longest caption template ({template!r})"
                 raise TrainingError(
-                    f"caption {i + 1} is longer than the text encoder's window of 75 tokens (it needs "
-                    f"{len(sections)}): shorten it to about 60 words"
+                    f"caption {i + 1} is longer than the text encoder's window of 75 tokens{added}: shorten it to "
+                    "about 55 words"
                 )
 
     # --- set-up -------------------------------------------------------------------------------
@@ -408,27 +466,82 @@ class EDLoRATrainer:
         self.clip = with_vocabulary(clip, ConceptVocabulary().with_entry(entry))
 
     def _probe_layers(self) -> list[tuple]:
-        """Cross-attention layers at a quarter of the latent's side (16×16 at 512²): where the concept tokens'
-        maps are sharp enough to say where the subject is, and cheap to compute explicitly."""
-        side = self.latents.shape[-1]
+        """Where the attention regulariser reads the concept words' maps. Mix-of-Show's: every cross-attention
+        layer (grouped by resolution in the loss). 'share outside': the layers at a quarter of the latent's side
+        (16×16 at 512²), where the maps are sharp enough to say where the subject is, and cheap."""
+        side = self.latent_shape[-1]
         keys = []
         for (kind, number, depth), _i in sorted(self.order.items(), key=lambda kv: kv[1]):
             block = "middle" if kind == "middle" else kind
-            scale = _block_downscale(self.model.model.diffusion_model, kind, number)
-            if scale == 4 and side % 4 == 0:
-                keys.append((block, number, depth))
+            if self.settings.attention_regulariser != "mix-of-show":
+                scale = _block_downscale(self.model.model.diffusion_model, kind, number)
+                if not (scale == 4 and side % 4 == 0):
+                    continue
+            keys.append((block, number, depth))
         return keys
 
     # --- one step -----------------------------------------------------------------------------
 
     def draws(self, step: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-        """Pictures, timesteps and noise of ``step`` (global batch), from a generator seeded by (seed, step)."""
+        """Pictures, timesteps and noise (with its offset) of ``step`` (global batch), from a generator seeded by
+        (seed, step); then the posterior samples' noise (:meth:`posterior_noise`) from the same generator."""
+        order, t, noise, _ = self._draws(step)
+        return order, t, noise
+
+    def _draws(self, step: int):
         gen = torch.Generator().manual_seed((int(self.settings.seed) * 1_000_003 + int(step)) % (2**63))
         n, b = self.num_images, self.settings.batch_size
         order = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-b // n))])[:b].tolist()
         t = torch.randint(0, TRAIN_TIMESTEPS, (b,), generator=gen)
-        noise = torch.randn((b,) + tuple(self.latents.shape[1:]), generator=gen)
-        return order, t, noise
+        noise = torch.randn((b,) + self.latent_shape, generator=gen)
+        offset = torch.randn((b, self.latent_shape[0]) + (1,) * (len(self.latent_shape) - 1), generator=gen)
+        noise = noise + self.settings.noise_offset * offset  # trainer_edlora.py l. 207-209: the target includes it
+        posterior = torch.randn((b,) + self.latent_shape, generator=gen)
+        return order, t, noise, posterior
+
+    def _sample_rng(self, step: int, row: int) -> random.Random:
+        """The augmentations' randomness of one row of one step (same on every process and after a resume)."""
+        return random.Random(f"{int(self.settings.seed)}:{int(step)}:{int(row)}")
+
+    def samples(self, step: int, rows: list[int]):
+        """The clean latents ``[b, C, h, w]``, the loss masks ``[b, h, w]`` (or None), the subject/area masks at
+        the latent's size for the attention regulariser (or None) and the captions of ``rows`` of ``step``."""
+        s = self.settings
+        order, _t, _noise, posterior = self._draws(step)
+        pictures, subjects, areas, captions = [], [], [], []
+        for r in rows:
+            i = order[r]
+            rng = self._sample_rng(step, r)
+            mask = self.masks[i] if self.masks is not None else None
+            if self.placing:
+                canvas, subject, area = official_crop(self.pixels[i], mask, s.resolution, rng)
+            else:
+                canvas, subject, area = self.pixels[i], mask, None
+            pictures.append(canvas)
+            subjects.append(subject)
+            areas.append(area)
+            captions.append(augment_caption(self.captions[i], s.caption_augmentation, rng))
+        with torch.inference_mode(False), torch.no_grad():
+            if self.posteriors is not None:
+                mean, std = (p[[order[r] for r in rows]] for p in self.posteriors)
+            else:
+                mean, std = _encode_posterior(self.vae, torch.stack(pictures))
+            z = mean + std * posterior[rows] if s.sample_posterior else mean
+            x0 = self.process_latent_in(z.float()).detach()
+        size = tuple(self.latent_shape[-2:])
+        loss_mask = attention_mask = None
+        if self.placing:
+            # trainer_edlora.py l. 247-252: the subject mask when use_mask_loss, else the picture's area; and the
+            # attention regulariser reads the subject mask, or the area when there is none (train_edlora.py l. 114)
+            chosen = [sm if (sm is not None and s.masked_loss) else a for sm, a in zip(subjects, areas, strict=True)]
+            loss_mask = _nearest(torch.stack(chosen), size)
+            attention = [sm if sm is not None else a for sm, a in zip(subjects, areas, strict=True)]
+            attention_mask = _nearest(torch.stack(attention), size)
+        elif self.masks is not None:
+            subject = torch.stack(subjects)
+            loss_mask = resize_mask(subject, size) if s.masked_loss else None
+            attention_mask = _nearest(subject, size)
+        return x0, loss_mask, attention_mask, captions
 
     def encode(self, caption: str) -> tuple[torch.Tensor, list[int]]:
         """``[1, L, 77, 768]`` per-layer encodings of ``caption`` (with grad) and the concept tokens' positions."""
@@ -445,18 +558,17 @@ class EDLoRATrainer:
         s = self.settings
         order, t, noise = self.draws(step)
         rows = list(range(len(order))) if rows is None else rows
-        pick = [order[r] for r in rows]
-        x0 = self.latents[pick].to(self.device)
+        x0, loss_mask, attention_mask, captions = self.samples(step, rows)
+        x0 = x0.to(self.device)
         eps = noise[rows].to(self.device)
         ms = self.model.model.model_sampling
         sigma = ms.sigma(t[rows].float()).to(self.device)
         x = ms.noise_scaling(sigma, eps, x0)
 
-        encoded = [self.encode(self.captions[i]) for i in pick]
+        encoded = [self.encode(c) for c in captions]
         self.router.layers = torch.cat([e[0] for e in encoded]).to(self.device)
-        use_attention = s.attention_weight > 0 and self.masks is not None and bool(self.probe_layers)
-        self.probe.maps = []
-        self.probe.positions = [e[1] for e in encoded] if use_attention else None
+        use_attention = s.attention_weight > 0 and attention_mask is not None and bool(self.probe_layers)
+        self.probe.reset([e[1][: len(s.concept_words)] for e in encoded] if use_attention else None)
         options = self._transformer_options(use_attention)
         try:
             denoised = self.model.model.apply_model(x, sigma, c_crossattn=self.router.layers[:, 0],
@@ -464,24 +576,14 @@ class EDLoRATrainer:
         finally:
             self.router.layers = None
         pred_eps = (x - denoised) / sigma.view(-1, 1, 1, 1)
-        mask = None
-        if self.masks is not None and s.masked_loss:
-            mask = resize_mask(self.masks[pick].to(self.device), tuple(x0.shape[-2:]))
+        mask = loss_mask.to(self.device) if loss_mask is not None else None
         total = denoising_loss(pred_eps, eps, mask)
         parts = {"denoise": float(total.detach())}
-        if use_attention and self.probe.maps:
-            full = self.masks[pick].to(self.device)
-            terms = []
-            for maps in self.probe.maps:
-                side = int(round(math.sqrt(maps.shape[-1] * x0.shape[-1] / x0.shape[-2])))
-                h, w = maps.shape[-1] // side, side
-                terms.append(
-                    attention_outside_loss(maps.reshape(maps.shape[0], maps.shape[1], h, w), resize_mask(full, (h, w)))
-                )
-            attention = torch.stack(terms).mean()
+        if use_attention and self.probe.sums:
+            attention = self._attention_term(attention_mask.to(self.device), x0.shape[-2:])
             parts["attention"] = float(attention.detach())
-            total = total + s.attention_weight * attention
-        self.probe.maps, self.probe.positions = [], None
+            total = total + attention
+        self.probe.reset(None)
         if self.old_downs is not None and s.lr_unet > 0:
             downs = [lora.down for _m, lora in self.params.unet_items()]
             orth = orthogonality_penalty(downs, self.old_downs)
@@ -489,6 +591,19 @@ class EDLoRATrainer:
             parts["orthogonality"] = float(orth.detach())
             total = total + s.orthogonality_weight * orth + s.keep_from_zero_weight * zero
         return total, parts
+
+    def _attention_term(self, mask: torch.Tensor, latent_hw) -> torch.Tensor:
+        """The weighted attention regulariser from the probe's per-resolution maps."""
+        s = self.settings
+        maps = {}
+        for queries, (total, heads) in self.probe.sums.items():
+            side = int(round(math.sqrt(queries * latent_hw[-1] / latent_hw[-2])))
+            h, w = queries // side, side
+            maps[(h, w)] = (total / heads).reshape(total.shape[0], total.shape[1], h, w)
+        if s.attention_regulariser == "mix-of-show":
+            return mixofshow_attention_loss(maps, mask, s.attention_weight, s.full_identity)
+        terms = [attention_outside_loss(m, resize_mask(mask, hw)) for hw, m in maps.items()]
+        return s.attention_weight * torch.stack(terms).mean()
 
     def _transformer_options(self, probe: bool) -> dict:
         base = self.model.model_options.get("transformer_options", {})
@@ -529,10 +644,43 @@ class EDLoRATrainer:
             for p in changed:
                 p.requires_grad_(True)
 
-    def after_step(self) -> None:
-        if self.settings.norm_cap > 0:
-            for w in self.settings.concept_words:
-                cap_norm_(self.params.embedding(w), self.settings.norm_cap)
+    def before_step(self, step: int) -> None:
+        """This step's learning rates: the schedule's factor times each group's rate (linear decay to 0 over the
+        run, as ``get_scheduler('linear', num_warmup_steps=0)`` in Mix-of-Show's train_edlora.py l. 85-90)."""
+        factor = lr_factor(self.settings.lr_schedule, step, self.settings.steps)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """The embedding rule after the optimiser step of 0-based ``step``."""
+        s = self.settings
+        words = s.concept_words
+        if s.embedding_rule == "cap each row" and s.norm_cap > 0:
+            for w in words:
+                cap_norm_(self.params.embedding(w), s.norm_cap)
+        elif s.embedding_rule == "freeze at mean norm":
+            if self.frozen_embeddings is not None:  # train_edlora.py l. 135-136: put back after every step
+                for w in words:
+                    self.params.embedding(w).copy_(self.frozen_embeddings[w])
+            elif s.norm_cap > 0 and mean_norm([self.params.embedding(w) for w in words]) >= s.norm_cap:
+                self.freeze_embeddings(step + 1)
+
+    def freeze_embeddings(self, after_step: int) -> None:
+        """Keep the embeddings as they are now for the rest of the run (train_edlora.py l. 141-143)."""
+        self.frozen_embeddings = {w: self.params.embedding(w).detach().clone() for w in self.settings.concept_words}
+        self.frozen_at = int(after_step)
+        log.info("[multi-concept] Train ED-LoRA: the concept embeddings reached mean norm %.2f after step %d and are "
+                 "frozen from now on (Mix-of-Show's rule); the LoRAs keep learning", self.settings.norm_cap, after_step)  # fmt: skip
+
+    def extra_state(self) -> dict:
+        """What a resume state needs besides the parameters: when the embeddings were frozen."""
+        return {"embeddings_frozen_at": getattr(self, "frozen_at", None) if self.frozen_embeddings else None}
+
+    def load_extra_state(self, extra: dict) -> None:
+        at = extra.get("embeddings_frozen_at")
+        if at is not None:
+            self.freeze_embeddings(int(at))
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.params.flat().items()}
@@ -545,7 +693,7 @@ class EDLoRATrainer:
         text = prompt.replace("<TOK>", " ".join(self.settings.concept_words))
         positive = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
         negative = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(""))
-        latent = torch.zeros((1,) + tuple(self.latents.shape[1:]))
+        latent = torch.zeros((1,) + self.latent_shape)
         noise = comfy.sample.prepare_noise(latent, seed)
         out = comfy.sample.sample(self.model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
                                   disable_pbar=True, seed=seed)  # fmt: skip
@@ -554,6 +702,32 @@ class EDLoRATrainer:
     def weights(self) -> EDLoRAWeights:
         s = self.settings
         return self.params.to_weights(s.class_word, "sd15", include_text=s.lr_text > 0, include_unet=s.lr_unet > 0)
+
+
+def _encode_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior of ``pixels`` (``[N, 3, H, W]`` in 0..1) as ``(mean, std)`` latents on the CPU, before the
+    model's latent scaling. For a VAE without a Gaussian posterior the std is 0 (its encoding is exact)."""
+    import comfy.model_management
+
+    engine = vae.first_stage_model
+    regulariser = type(getattr(engine, "regularization", None)).__name__
+    gaussian = regulariser == "DiagonalGaussianRegularizer" and hasattr(engine, "quant_conv")
+    if not gaussian or getattr(engine, "max_batch_size", None) is not None:
+        mean = vae.encode(pixels.permute(0, 2, 3, 1)).float().cpu()
+        return mean, torch.zeros_like(mean)
+    comfy.model_management.load_models_gpu([vae.patcher])
+    x = vae.process_input(pixels).to(vae.vae_dtype).to(vae.device)
+    # the moments AutoencoderKL's regulariser takes its mode from (comfy/ldm/models/autoencoder.py)
+    moments = engine.quant_conv(engine.encoder(x)).float().cpu()
+    mean, logvar = moments.chunk(2, dim=1)
+    return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+
+
+def _nearest(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[B, H, W]`` masks to ``size`` by nearest neighbour (Mix-of-Show's masks: cv2 INTER_NEAREST to 64²)."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask.float()
+    return torch.nn.functional.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0]
 
 
 def _block_downscale(diffusion_model, kind: str, number: int) -> int:

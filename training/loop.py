@@ -36,6 +36,7 @@ def resume_from(trainer, path: str) -> tuple[int, list[float]]:
             "'steps' above it to train further"
         )
     trainer.params.load_flat({k: v.to(trainer.device) for k, v in state["params"].items()})
+    trainer.load_extra_state(state.get("extra", {}))
     current_lrs = [g["lr"] for g in trainer.optimizer.param_groups]
     restore_optimizer(trainer.optimizer, state)
     for group, lr in zip(trainer.optimizer.param_groups, current_lrs, strict=True):
@@ -66,7 +67,7 @@ def train(trainer, *, state_path: str | None = None, resume: str | None = None,
         if not (state_path and save_states):
             return None
         return save_state(state_path, trainer.params.flat(), trainer.optimizer, step, trainer.identity,
-                          s.as_dict(), losses)  # fmt: skip
+                          s.as_dict(), losses, trainer.extra_state())  # fmt: skip
 
     with torch.inference_mode(False), torch.enable_grad(), trainer.base_frozen():
         for step in range(start, s.steps):
@@ -78,8 +79,9 @@ def train(trainer, *, state_path: str | None = None, resume: str | None = None,
             value = float(loss.detach())
             if math.isfinite(value):
                 loss.backward()
+                trainer.before_step(step)
                 trainer.optimizer.step()
-                trainer.after_step()
+                trainer.after_step(step)
             if not math.isfinite(value) or not _finite(trainer.params.flat().values()):
                 trainer.params.load_flat(good)
                 return TrainResult(

@@ -24,9 +24,9 @@ class StateError(ValueError):
 
 
 def save_state(path: str, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, step: int,
-               identity: dict, settings: dict, losses: list[float]) -> str:  # fmt: skip
+               identity: dict, settings: dict, losses: list[float], extra: dict | None = None) -> str:  # fmt: skip
     """Write the state atomically (a temporary file, then a rename; never through a link). ``identity`` must
-    match on resume."""
+    match on resume; ``extra`` is the trainer's own JSON-able state (e.g. when the embeddings were frozen)."""
     tensors = {f"param.{k}": v.detach().float().cpu().contiguous() for k, v in params.items()}
     opt = optimizer.state_dict()
     for idx, slots in opt["state"].items():
@@ -41,6 +41,7 @@ def save_state(path: str, params: dict[str, torch.Tensor], optimizer: torch.opti
         "settings": json.dumps(settings, sort_keys=True),
         "param_groups": json.dumps(groups),
         "losses": json.dumps([float(x) for x in losses]),
+        "extra": json.dumps(extra or {}, sort_keys=True),
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return write_safetensors(path, tensors, metadata, overwrite=True)  # the state is replaced at every save
@@ -80,6 +81,7 @@ def load_state(path: str, identity: dict) -> dict:
         "param_groups": json.loads(metadata["param_groups"]),
         "settings": json.loads(metadata.get("settings", "{}")),
         "losses": json.loads(metadata.get("losses", "[]")),
+        "extra": json.loads(metadata.get("extra", "{}")),
     }
 
 

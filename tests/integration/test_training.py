@@ -110,7 +110,7 @@ def test_short_run_lowers_the_loss_and_moves_only_the_concept(tr, base):
 
 
 def test_norm_cap_and_frozen_parts(tr, base):
-    trainer = make(tr, base, steps=1, lr_embedding=0.5, norm_cap=0.3, lr_text=0.0)
+    trainer = make(tr, base, steps=1, lr_embedding=0.5, norm_cap=0.3, lr_text=0.0, embedding_rule="cap each row")
     tr["loop"].train(trainer, save_states=False)
     for w in WORDS:
         assert float(trainer.params.embedding(w).norm(dim=-1).max()) <= 0.3 + 1e-5
@@ -119,15 +119,52 @@ def test_norm_cap_and_frozen_parts(tr, base):
     assert weights.text_encoder_lora == {} and weights.unet_lora
 
 
-def test_attention_regulariser_runs_on_the_low_resolution_layers(tr, base):
+def test_embeddings_freeze_once_their_mean_norm_reaches_the_threshold_and_the_loras_go_on(tr, base):
+    # train_edlora.py l. 138-143: after the step whose update brings the mean norm to emb_norm_threshold, the
+    # concept embeddings are put back after every step; the LoRAs keep learning
+    trainer = make(tr, base, steps=3, lr_embedding=1e-2, norm_cap=1e-4)  # reached by the first step
+    after: list[dict] = []
+    tr["loop"].train(trainer, save_states=False,
+                     report=lambda k, v, p: after.append({n: t.detach().clone() for n, t in trainer.params.flat().items()}))  # fmt: skip
+    assert trainer.frozen_at == 1
+    for w in WORDS:
+        assert torch.equal(after[0][f"embedding.{w}"], after[2][f"embedding.{w}"])
+    unet_ups = [k for k in after[0] if k.startswith("unet.") and k.endswith(".up")]
+    assert any(not torch.equal(after[0][k], after[2][k]) for k in unet_ups)
+    # the rule off: the embeddings keep moving
+    free = make(tr, base, steps=2, lr_embedding=1e-2, norm_cap=1e-4, embedding_rule="off")
+    before = free.params.embedding(WORDS[0]).detach().clone()
+    tr["loop"].train(free, save_states=False)
+    assert free.frozen_embeddings is None and not torch.equal(before, free.params.embedding(WORDS[0]))
+
+
+def test_learning_rates_fall_linearly_to_zero_over_the_run(tr, base):
+    trainer = make(tr, base, steps=4, lr_text=0.0)
+    seen = []
+    tr["loop"].train(trainer, save_states=False,
+                     report=lambda k, v, p: seen.append([g["lr"] for g in trainer.optimizer.param_groups]))  # fmt: skip
+    base_lrs = [5e-3, 1e-3]  # the embeddings' and the UNet LoRA's (settings() above); text LoRA off
+    for step, lrs in enumerate(seen):
+        assert lrs == pytest.approx([lr * (4 - step) / 4 for lr in base_lrs]), step
+
+
+@pytest.mark.parametrize("regulariser", ["mix-of-show", "share outside"])
+def test_attention_regulariser_reads_its_layers(tr, base, regulariser):
     _, masks = pictures()
-    trainer = make(tr, base, masks=masks, attention_weight=0.05, steps=1)
-    assert len(trainer.probe_layers) == 5  # SD1.5: input 7, 8 and output 3, 4, 5 (a quarter of the latent)
+    trainer = make(tr, base, masks=masks, attention_weight=0.05, steps=1, attention_regulariser=regulariser)
+    # Mix-of-Show: all 16 cross-attention layers (by resolution); ours: input 7, 8 and output 3, 4, 5
+    assert len(trainer.probe_layers) == (16 if regulariser == "mix-of-show" else 5)
     trainer.load()
     with torch.inference_mode(False), torch.enable_grad():
         loss, parts = trainer.loss(0)
-    assert "attention" in parts and 0.0 <= parts["attention"] <= 1.0
+    assert "attention" in parts and 0.0 < parts["attention"] and math.isfinite(parts["attention"])
     assert math.isfinite(parts["denoise"]) and float(loss) >= parts["denoise"]
+    no_mask = make(tr, base, attention_weight=0.05, steps=1, attention_regulariser=regulariser,
+                   image_augmentation="centre crop")  # fmt: skip
+    no_mask.load()
+    with torch.inference_mode(False), torch.enable_grad():
+        _, parts = no_mask.loss(0)
+    assert "attention" not in parts  # nothing to keep the attention in
 
 
 def test_orthogonality_penalty_and_frozen_basis(tr, base):
@@ -256,19 +293,22 @@ def test_node_cancel_saves_a_state_and_resume_finishes_the_run(comfy, base):
     assert (comfy.models_dir / "loras" / "cancelled_cat.safetensors").is_file()
 
 
-def test_interrupt_and_resume_equals_an_uninterrupted_run(tr, base, tmp_path):
-    whole = make(tr, base, steps=4, batch_size=1)
+@pytest.mark.parametrize("norm_cap", [0.55, 1e-4], ids=["embeddings-learning", "embeddings-frozen-at-step-1"])
+def test_interrupt_and_resume_equals_an_uninterrupted_run(tr, base, tmp_path, norm_cap):
+    # with Mix-of-Show's recipe: augmentations, posterior samples, linear decay, and the freeze saved in the state
+    whole = make(tr, base, steps=4, batch_size=1, norm_cap=norm_cap)
     tr["loop"].train(whole, save_states=False)
 
-    first = make(tr, base, steps=4, batch_size=1)
+    first = make(tr, base, steps=4, batch_size=1, norm_cap=norm_cap)
     state = str(tmp_path / "run.state.safetensors")
     seen: list[float] = []
     stopped = tr["loop"].train(first, state_path=state, cancelled=lambda: len(seen) >= 2,
                                report=lambda s, v, p: seen.append(v))  # fmt: skip
     assert stopped.status == "cancelled" and stopped.step == 2 and os.path.isfile(state)
 
-    second = make(tr, base, steps=4, batch_size=1)
+    second = make(tr, base, steps=4, batch_size=1, norm_cap=norm_cap)
     done = tr["loop"].train(second, state_path=state, resume=state)
+    assert (second.frozen_embeddings is not None) == (norm_cap < 0.01)
     assert done.status == "done" and len(done.losses) == 4
     a, b = whole.params.flat(), second.params.flat()
     for k in a:

@@ -34,6 +34,7 @@ def test_one_caption_serves_every_image_and_none_gives_a_default():
     assert prepare_captions("<TOK> smiling", 3, "<a>").texts == ("<a> smiling",) * 3
     c = prepare_captions("  \n ", 2, "<a>")
     assert c.texts == ("a photo of <a>",) * 2 and c.warnings
+    assert prepare_captions("", 1, "<a>", default="<TOK>").texts == ("<a>",)
 
 
 def test_caption_count_must_match_and_words_are_needed():
@@ -77,15 +78,16 @@ def test_pictures_too_small_or_masks_that_do_not_fit_are_refused():
 # ----------------------------------------------------------------------------------------------- losses
 
 
-def test_denoising_loss_is_mse_and_masked_loss_ignores_outside_pixels():
+def test_denoising_loss_is_mix_of_shows_and_masked_loss_ignores_outside_pixels():
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    assert torch.allclose(denoising_loss(pred, target), ((pred - target) ** 2).mean())
+    # trainer_edlora.py l. 251-252 with a one-channel mask: the channels are summed, the pixels averaged
+    assert torch.allclose(denoising_loss(pred, target), ((pred - target) ** 2).sum(1).mean())
     mask = torch.zeros(2, 8, 8)
     mask[:, 2:6, 1:5] = 1.0
     masked = denoising_loss(pred, target, mask)
-    per_image = [((pred[i] - target[i]) ** 2).mean(0)[2:6, 1:5].mean() for i in range(2)]
-    assert torch.allclose(masked, torch.stack(per_image).mean())
+    official = ((pred - target) ** 2 * mask[:, None]).sum([1, 2, 3]) / mask[:, None].sum([1, 2, 3])
+    assert torch.allclose(masked, official.mean())
     # change everything outside the mask: nothing changes
     pred2, target2 = pred.clone(), target.clone()
     outside = (mask == 0)[:, None].expand_as(pred)
@@ -156,7 +158,9 @@ def _params(seed=0):
 def test_initialisation_follows_mix_of_show():
     p = _params()
     assert torch.equal(p.embedding("<a2>"), torch.full((3, 8), 0.5))  # the last word: the class word, every layer
-    assert 0.001 < float(p.embedding("<a1>").std()) < 0.05  # the others: small noise
+    first = p.embedding("<a1>")
+    assert 0.001 < float(first.std()) < 0.05  # the others: small noise...
+    assert torch.equal(first, first[:1].expand(3, -1))  # ...one vector copied to every layer
     for _m, lora in p.text_items() + p.unet_items():
         assert float(lora.up.abs().max()) == 0.0  # training starts from the base model exactly
     w = torch.randn(6, 5)
