@@ -36,7 +36,8 @@ class NodeError(ValueError):
     """An error shown to the user: '<Node name>: what is wrong. What to do.'"""
 
     def __init__(self, node: str, message: str):
-        super().__init__(f"{node}: {message}")
+        # (a message from the engine may already name the node: it is said once)
+        super().__init__(message if message.startswith(f"{node}: ") else f"{node}: {message}")
 
 
 def short_repr(value, limit: int = 60) -> str:

@@ -131,9 +131,40 @@ def build_guider(node: str, model, clip, stack: ConceptStack, scene_prompt: str,
     positive, negative_c = scene if scene is not None else (encode(clip, scene_prompt), encode(clip, negative or ""))
     # the scene's control acts on every branch: they must share one batched call, which only equal controls allow
     branch_conds = [(with_control_of(p, positive), with_control_of(n, negative_c)) for p, n in branch_conds]
+    (positive, negative_c), *branch_conds = equal_token_lengths([(positive, negative_c)] + branch_conds, node)
     guider.set_conductor_conds(positive, negative_c, branch_conds)
     guider.prompts = prompts
     return guider
+
+
+MAX_TOKEN_REPEAT = 4  # ComfyUI's own limit on padding a prompt by repetition (comfy/conds.py CONDCrossAttn)
+
+
+def equal_token_lengths(pairs: list[tuple[list, list]], node: str) -> list[tuple[list, list]]:
+    """Every branch's conditionings repeated along the tokens to one common length, so ComfyUI batches them into
+    the one call the branches must share. ComfyUI pads by repetition itself, which leaves attention unchanged,
+    but only relative to the batch's first cond; a long prompt beside prompts of other lengths (3 and 4 sections
+    of 77 tokens) would otherwise be split into separate calls. Refused when the common length is more than
+    :data:`MAX_TOKEN_REPEAT` times the longest prompt."""
+    import math
+
+    lengths = {int(c[0].shape[1]) for pos, neg in pairs for c in pos + neg if c[0] is not None}
+    if len(lengths) <= 1:
+        return pairs
+    common = math.lcm(*lengths)
+    if common > MAX_TOKEN_REPEAT * max(lengths):
+        sections = sorted({n // 77 if n % 77 == 0 else n for n in lengths})
+        raise ConductorError(
+            f"{node}: the prompts encode to {', '.join(str(n) for n in sorted(lengths))} tokens ({sections} sections "
+            f"of 77); every branch must run in one model call, which needs lengths that divide one another (a "
+            "common length at most 4x the longest). Shorten the long prompt (or the others) so the section counts "
+            "divide each other, e.g. 1 and 3."
+        )
+
+    def pad(cond: list) -> list:
+        return [[c[0].repeat(1, common // c[0].shape[1], 1) if c[0] is not None else None, c[1]] for c in cond]
+
+    return [(pad(pos), pad(neg)) for pos, neg in pairs]
 
 
 def parse_prompts(text: str, stack: ConceptStack, scene_prompt: str, regions=None) -> list[str]:

@@ -360,11 +360,12 @@ def _base_graph(node_id: str, info: dict, ckpt: str) -> tuple[dict, list[tuple[s
             options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
             if kind == "COMBO":
                 choices = spec[0] if isinstance(spec[0], list) else options.get("options", [])
-                value = GOOD_COMBO.get(name, choices[0] if choices else "")
+                value = GOOD_TEXT.get((node_id, name), GOOD_COMBO.get(name, choices[0] if choices else ""))
             else:
                 value = options.get("default", {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False, "STRING": ""}[kind])
                 value = GOOD_TEXT.get((node_id, name), value)
-            if section == "required" or kind != "COMBO":
+            # (an optional combo keeps its default unless set here: GOOD_TEXT's choices must reach the node)
+            if section == "required" or kind != "COMBO" or (node_id, name) in GOOD_TEXT:
                 inputs[name] = value
             widgets.append((name, kind))
     prompt["n"] = {"class_type": node_id, "inputs": inputs}

@@ -547,3 +547,26 @@ def test_a_call_split_for_low_memory_gives_the_same_picture(comfy, base, cc, mon
     assert has_range(batched) and calls
     assert max(calls) == 0 and guider.state.pending == {}  # kept only within a step
     torch.testing.assert_close(split, batched, atol=2e-4, rtol=1e-3)
+
+
+def test_branch_prompts_of_other_lengths_are_repeated_to_one_length_or_refused(comfy):
+    # (the fuzz found it: a long scene prompt beside short ones was split into separate calls, then refused)
+    ConductorError = comfy.pack_module("samplers.concept_conductor.guider").ConductorError
+    equal_token_lengths = comfy.pack_module("samplers.concept_conductor.setup").equal_token_lengths
+
+    def cond(sections):
+        return [[torch.arange(77 * sections, dtype=torch.float32).reshape(1, 77 * sections, 1), {"k": sections}]]
+
+    # a 3-section scene prompt, 1-section concept prompts, a 2-section negative: all to lcm = 462 tokens
+    pairs = [(cond(3), cond(2)), (cond(1), cond(1)), (cond(1), cond(2))]
+    out = equal_token_lengths(pairs, "CC")
+    for (pos, neg), (pos0, neg0) in zip(out, pairs, strict=True):
+        for new, old in ((pos, pos0), (neg, neg0)):
+            t, t0 = new[0][0], old[0][0]
+            assert t.shape[1] == 462 and new[0][1] is old[0][1]
+            assert torch.equal(t, t0.repeat(1, 462 // t0.shape[1], 1))  # repetition: attention is unchanged
+    same = [(cond(1), cond(1))]
+    assert equal_token_lengths(same, "CC") is same
+    # 5, 4 and 3 sections: a common length of 60 sections is refused, naming the lengths
+    with pytest.raises(ConductorError, match=r"CC: the prompts encode to 231, 308, 385 tokens"):
+        equal_token_lengths([(cond(5), cond(4)), (cond(3), cond(3))], "CC")
