@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
 from comfy_api.latest import io, ui
 
 from ..formats.edlora import EDLoRAFileError, write_edlora_safetensors
@@ -313,6 +314,13 @@ class TrainEDLoRA(io.ComfyNode):
                     optional=True,
                     tooltip=f"The prompt of the previews; {PLACEHOLDER} = the concept words.",
                 ),  # fmt: skip
+                io.String.Input(
+                    "preview_strengths",
+                    default="0, 0.7, 1.0",
+                    optional=True,
+                    tooltip="Each preview shows the concept with its LoRAs at these strengths, side by side (0 = the "
+                    "word embeddings alone), as Mix-of-Show's validation (alpha_list 0, 0.7, 1.0).",
+                ),  # fmt: skip
                 io.Combo.Input(
                     "resume",
                     options=[NO_RESUME] + list_states(),
@@ -343,7 +351,7 @@ class TrainEDLoRA(io.ComfyNode):
                 norm_cap=NORM_THRESHOLD, lr_schedule=LR_SCHEDULES[0], weight_decay=WEIGHT_DECAY,
                 noise_offset=NOISE_OFFSET, image_augmentation=IMAGE_MODES[0], caption_augmentation=CAPTION_MODES[0],
                 sample_posterior=True, preview_every=0, preview_prompt=f"a photo of {PLACEHOLDER}",
-                resume=NO_RESUME) -> io.NodeOutput:  # fmt: skip
+                preview_strengths="0, 0.7, 1.0", resume=NO_RESUME) -> io.NodeOutput:  # fmt: skip
         import comfy.model_management
 
         stem = check_output_name(NAME, "output_name", output_name)
@@ -393,9 +401,12 @@ class TrainEDLoRA(io.ComfyNode):
         def report(step, loss, parts):
             progress.update(step, total, f"step {step}/{total}  loss {loss:.4f}")
 
+        strengths = _strengths(preview_strengths) if preview_every else (1.0,)
+
         def preview(step):
-            img = trainer.preview(preview_prompt, seed)
-            progress.update(step, total, preview=("JPEG", _pil(img[0]), 512))
+            imgs = trainer.preview(preview_prompt, seed, strengths=strengths)
+            strip = torch.cat(list(imgs), dim=1)  # side by side, in the order given
+            progress.update(step, total, preview=("JPEG", _pil(strip), 512 * len(strengths)))
 
         try:
             result = train(trainer, state_path=state_path, resume=resume_path, report=report,
@@ -431,6 +442,20 @@ class TrainEDLoRA(io.ComfyNode):
         return io.NodeOutput(
             new_model, new_clip, concept, curve, concept.prompt_words, ui=ui.PreviewText("\n".join(lines))
         )
+
+
+def _strengths(text) -> tuple[float, ...]:
+    """The preview strengths: comma-separated numbers from 0 to 2 (at most 6)."""
+    import math
+
+    try:
+        values = tuple(float(v) for v in str(text).replace(";", ",").split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or len(values) > 6 or not all(math.isfinite(v) and 0 <= v <= 2 for v in values):
+        raise NodeError(NAME, f"preview_strengths is {str(text)[:60]!r}; give 1 to 6 comma-separated strengths from 0 "
+                        "to 2, e.g. 0, 0.7, 1.0.")  # fmt: skip
+    return values
 
 
 def _pil(image):

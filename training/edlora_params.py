@@ -1,8 +1,8 @@
 """The trainable parts of an ED-LoRA, as torch modules (pure torch; no ComfyUI).
 
-* :class:`LoRADelta` — one low-rank update ``W + up @ down`` for one linear weight; ComfyUI calls it as a
-  weight wrapper (``weight -> weight + up @ down``), so gradients reach ``up`` and ``down`` through the stock
-  forward.
+* :class:`LoRADelta` — one low-rank update ``W + up @ down`` for one linear weight, run as its own branch
+  beside the layer (``y = layer(x) + (x @ downᵀ) @ upᵀ``, Mix-of-Show's LoRALinearLayer), in float32 whatever
+  the layer's dtype: added into a float16 weight, a small early update would round away.
 * :class:`EDLoRAParameters` — the concept's layer-wise token embeddings plus its text-encoder and UNet LoRA,
   with Mix-of-Show's initialisation, the optimiser's parameter groups, a flat name -> tensor view (for
   resume states and the distributed gradient average) and the conversion to the file format.
@@ -34,18 +34,20 @@ class LoRADelta(torch.nn.Module):
             bound = lora_down_bound(in_features)
             self.down = torch.nn.Parameter((torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound)
         self.up = torch.nn.Parameter(torch.zeros(out_features, rank))
+        self.scale = 1.0  # the branch's strength (previews at 0 / 0.7 / 1.0, as Mix-of-Show's alpha_list)
 
     def delta(self) -> torch.Tensor:
         return self.up @ self.down
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The merged weight ``weight + up @ down`` (what the saved file applies)."""
         return weight + self.delta().to(device=weight.device, dtype=weight.dtype)
 
-    # ComfyUI's ModelPatcher moves weight wrappers with the model and counts their memory.
-    def move_to(self, device=None) -> int:
-        if device is not None:
-            self.to(device=device)
-        return sum(t.numel() * t.element_size() for t in (self.up, self.down))
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x @ downᵀ) @ upᵀ`` in float32: the LoRA's own output for the layer's input ``x``."""
+        down = self.down
+        out = (x.to(device=down.device, dtype=torch.float32) @ down.T) @ self.up.T
+        return out if self.scale == 1.0 else out * self.scale
 
 
 class EDLoRAParameters(torch.nn.Module):

@@ -16,11 +16,12 @@ What one step does (Mix-of-Show's recipe, DESIGN.md §4 "Training"; the official
 5. AdamW step on the three parameter groups at this step's learning rate (linear decay to 0), then the
    embedding rule (frozen for the rest of the run once their mean norm reaches 0.55).
 
-The LoRAs act through ComfyUI weight wrappers on clones of the user's MODEL and CLIP
-(``ModelPatcher.add_weight_wrapper``), which ComfyUI removes when another model is loaded; the inputs are
-never modified. ComfyUI creates model weights in inference mode, and such tensors cannot be kept for the
-backward pass, so every weight the backward pass needs gets an identity wrapper too: ComfyUI then hands
-each layer a fresh copy of its weight (what its own LoRA trainer does for every layer).
+The LoRAs run as branches beside their layers (``y = layer(x) + lora(x)``, in float32, as Mix-of-Show's
+LoRALinearLayer), installed as object patches of each layer's ``forward`` on clones of the user's MODEL and CLIP
+(``ModelPatcher.add_object_patch``), which ComfyUI undoes when another model is loaded; the inputs are never
+modified. ComfyUI creates model weights in inference mode, and such tensors cannot be kept for the backward
+pass, so every weight the backward pass needs gets an identity weight wrapper: ComfyUI then hands each layer a
+fresh copy of its weight (what its own LoRA trainer does for every layer).
 """
 
 from __future__ import annotations
@@ -190,6 +191,30 @@ def text_lora_targets(clip, clip_key: str = "l") -> dict[str, tuple[str, tuple[i
             if TEXT_ATTENTION.fullmatch(module):
                 out[module] = (key, (int(w.shape[0]), int(w.shape[1])))
     return dict(sorted(out.items()))
+
+
+class _LoRABranch:
+    """A layer's ``forward`` with its LoRA beside it: ``layer(x) + lora.branch(x)`` (the layer's own forward, with
+    ComfyUI's casting and weight patches, stays as it is). Added in the layer's dtype once the branch's float32
+    output is formed, as a mixed-precision run of Mix-of-Show's LoRALinearLayer adds it."""
+
+    def __init__(self, module, lora):
+        self.layer_forward = type(module).forward.__get__(module)
+        self.lora = lora
+
+    def __call__(self, x, *args, **kwargs):
+        y = self.layer_forward(x, *args, **kwargs)
+        return y + self.lora.branch(x).to(device=y.device, dtype=y.dtype)
+
+
+def _add_branches(patcher, items, targets: dict, prefix: str = "") -> None:
+    """Object patches installing each ``(module, lora)``'s branch on the layer whose weight key ``targets`` names."""
+    import comfy.utils
+
+    for module, lora in items:
+        path = targets[module][0][: -len(".weight")]
+        layer = comfy.utils.get_attr(patcher.model, path)
+        patcher.add_object_patch(f"{path}.forward", _LoRABranch(layer, lora))
 
 
 class _FreshCopy:
@@ -438,10 +463,8 @@ class EDLoRATrainer:
     def _wire(self, model, clip) -> None:
         """Clones of MODEL and CLIP with the trainable LoRAs and the trainable concept words."""
         self.model = model.clone()
-        for module, lora in self.params.unet_items():
-            self.model.add_weight_wrapper(self.unet_targets[module][0], lora)
-        skip = {key for key, _ in self.unet_targets.values()}
-        _wrap_inference_weights(self.model, "diffusion_model.", skip)
+        _add_branches(self.model, self.params.unet_items(), self.unet_targets)
+        _wrap_inference_weights(self.model, "diffusion_model.", set())
         add_layerwise_routing(self.model)  # for preview sampling; a no-op in the training forward
         self.order = cross_attention_order(self.model.model.diffusion_model)
         self.router = _LayerContextRouter(self.order)
@@ -450,8 +473,7 @@ class EDLoRATrainer:
 
         clip = clip.clone()
         if self.settings.lr_text > 0:
-            for module, lora in self.params.text_items():
-                clip.patcher.add_weight_wrapper(self.text_targets[module][0], lora)
+            _add_branches(clip.patcher, self.params.text_items(), self.text_targets)
         _wrap_inference_weights(clip.patcher, "", set())
         if not _out_of_place_clip_layers(clip.patcher):
             raise TrainingError(
@@ -686,18 +708,31 @@ class EDLoRATrainer:
         return {k: v.detach().clone() for k, v in self.params.flat().items()}
 
     @torch.no_grad()
-    def preview(self, prompt: str, seed: int, steps: int = 16, cfg: float = 7.0) -> torch.Tensor:
-        """An image of ``prompt`` (``<TOK>`` = the concept words) sampled with the concept as it is now."""
+    def preview(self, prompt: str, seed: int, steps: int = 16, cfg: float = 7.0,
+                strengths: tuple[float, ...] = (1.0,)) -> torch.Tensor:  # fmt: skip
+        """Images ``[len(strengths), H, W, 3]`` of ``prompt`` (``<TOK>`` = the concept words) sampled with the concept
+        as it is now, its LoRAs at each strength (0: the embeddings alone), as Mix-of-Show's validation renders
+        ``alpha_list: [0, 0.7, 1.0]`` (there: 50 DPM-Solver steps; here ``steps`` of euler, to keep it cheap)."""
         import comfy.sample
 
         text = prompt.replace("<TOK>", " ".join(self.settings.concept_words))
-        positive = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
-        negative = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(""))
-        latent = torch.zeros((1,) + self.latent_shape)
-        noise = comfy.sample.prepare_noise(latent, seed)
-        out = comfy.sample.sample(self.model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
-                                  disable_pbar=True, seed=seed)  # fmt: skip
-        return self.vae.decode(out).clamp(0, 1)
+        loras = list(self.params.text_lora.values()) + list(self.params.unet_lora.values())
+        images = []
+        try:
+            for strength in strengths:
+                for lora in loras:
+                    lora.scale = float(strength)
+                positive = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
+                negative = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(""))
+                latent = torch.zeros((1,) + self.latent_shape)
+                noise = comfy.sample.prepare_noise(latent, seed)
+                out = comfy.sample.sample(self.model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                                          disable_pbar=True, seed=seed)  # fmt: skip
+                images.append(self.vae.decode(out).clamp(0, 1))
+        finally:
+            for lora in loras:
+                lora.scale = 1.0
+        return torch.cat(images)
 
     def weights(self) -> EDLoRAWeights:
         s = self.settings

@@ -12,11 +12,11 @@ path tricks — one prompt each. Whatever happens, it must be one of:
 
 Nodes that sample or train (seconds per run) are fuzzed in two passes: each value first in a validation-only
 request (the checkpoint loader upstream names a missing file, so ComfyUI validates the whole graph, reports
-the fuzzed node's errors beside the loader's, and runs nothing); then each value that validation let through
-is run once for every widget that took it, all in one prompt; when that combined run fails (quickly, at the
-node's own checks), the widget its message names is tried alone and the others together again. A value
-ComfyUI converts into one already run ("yes" and 2 both reach the node as True) is not run again. So a value
-ComfyUI refuses never runs, and a value the node accepts samples once, not once per widget.
+the fuzzed node's errors beside the loader's, and runs nothing); then the values that validation let through
+are packed: each run gives every widget its next such value, all in one prompt; when that combined run fails
+(quickly, at the node's own checks), the widget its message names is tried alone and the others together
+again. A value ComfyUI converts into one already run ("yes" and 2 both reach the node as True) is not run
+again. So a value ComfyUI refuses never runs, and one sampling run covers a value of every widget.
 
 After each prompt the server must still answer, and at the end a plain txt2img prompt must give exactly
 the image it gave before the fuzzing started. A node with a socket type that has no provider below fails
@@ -561,11 +561,12 @@ def test_node_survives_bad_values(comfy_server, tiny_checkpoint, fuzz_files, pla
         for name, _kind, value in cases:
             post_one(name, value)
     else:
-        # A value ComfyUI refuses is found by a validation-only request. The others go a value at a time into
-        # one prompt for every widget that took it; when that fails (quickly, at the node's checks), the widget
-        # the message names is tried alone and the rest again, so an accepted value samples once, not per widget.
-        rounds: dict[tuple, dict] = {}  # (kind, the value the node gets) -> {widget: value as posted}
-        covered: list[tuple] = []  # (widget, round key): the node gets what a run below or the baseline gives it
+        # A value ComfyUI refuses is found by a validation-only request. The others are packed: each run gives
+        # every widget with a value still to try its next one, all in one prompt; when that fails (quickly, at the
+        # node's checks), the widget the message names is tried alone and the others together again. So a value
+        # ComfyUI refuses never runs, and a sampling run covers one accepted value of every widget at once.
+        queues: dict[str, list[tuple]] = {}  # widget -> [(key, value as posted)] still to run
+        covered: list[tuple] = []  # (widget, key): the node gets what a run below gives it
         for name, kind, value in cases:
             what = f"{node_id}.{name} = {value!r:.60}"
             if _validate_only(comfy_server, node_id, display, base, {name: value}, what) == "refused":
@@ -575,23 +576,27 @@ def test_node_survives_bad_values(comfy_server, tiny_checkpoint, fuzz_files, pla
             given = base["n"]["inputs"]  # (an optional input left out is not the same as one given as None)
             if name in given and key == (kind, repr(_as_comfyui_passes_it(kind, given[name]))):
                 counts["ran"] += 1  # ComfyUI turns it into the baseline's own value ("yes" -> True): ran above
-            elif name in rounds.get(key, {}):
+            elif any(k == key for k, _v in queues.get(name, [])):
                 covered.append((name, key))  # e.g. 2 after "yes": both reach the node as True
             else:
-                rounds.setdefault(key, {})[name] = value
+                queues.setdefault(name, []).append((key, value))
         outcomes: dict[tuple, str] = {}
-        for key, pending in rounds.items():
+        while any(queues.values()):
+            pending = {name: q.pop(0) for name, q in queues.items() if q}  # widget -> (key, value)
             while len(pending) > 1:
-                outcome, said = post(pending, f"{node_id}.{{{', '.join(pending)}}} = {key[1]:.60}")
+                changes = {name: value for name, (_key, value) in pending.items()}
+                shown = ", ".join(f"{name}={value!r:.20}" for name, value in changes.items())
+                outcome, said = post(changes, f"{node_id}.{{{shown}}}"[:300])
                 if outcome == "ran":
-                    outcomes.update({(name, key): "ran" for name in pending})
+                    outcomes.update({(name, key): "ran" for name, (key, _v) in pending.items()})
                     counts["ran"] += len(pending)
                     pending = {}
                     break
                 named = [n for n in pending if _names(said, n)]
                 for name in named or list(pending):  # nothing named: each alone
-                    outcomes[name, key] = post_one(name, pending.pop(name))
-            for name, value in pending.items():
+                    key, value = pending.pop(name)
+                    outcomes[name, key] = post_one(name, value)
+            for name, (key, value) in pending.items():
                 outcomes[name, key] = post_one(name, value)
         for name_key in covered:
             counts[outcomes[name_key]] += 1
