@@ -371,6 +371,10 @@ class TrainEDLoRA(io.ComfyNode):
             raise NodeError(NAME, f"orthogonal is '{orthogonal}' but nothing is connected to orthogonal_to: connect a "
                             "concept stack of the ED-LoRAs to keep apart from, or set orthogonal to off.")  # fmt: skip
         existing = tuple(c.adapter for c in (orthogonal_to or ()) if c.kind == "edlora")
+        if orthogonal != "off" and not existing:
+            raise NodeError(NAME, f"orthogonal is '{orthogonal}' but the concept stack in orthogonal_to holds no ED-LoRA "
+                            "(only ED-LoRAs have the LoRA layers to keep apart from): add the ED-LoRAs, or set "
+                            "orthogonal to off.")  # fmt: skip
         settings = TrainSettings(
             concept_words=words, class_word=class_word.strip(), steps=steps, lr_embedding=lr_embedding,
             lr_text=lr_text, lr_unet=lr_unet, rank=rank, batch_size=batch_size, seed=seed, resolution=resolution,

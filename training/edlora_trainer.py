@@ -383,6 +383,12 @@ class EDLoRATrainer:
         self.masks = fit_masks(masks, pixels.shape[0], tuple(images.shape[1:3]), settings.resolution, crop=crop)
         self.captions = list(captions)
         self.num_images = pixels.shape[0]
+        if self.num_images < settings.batch_size:
+            raise TrainingError(
+                f"{self.num_images} picture(s) for batch_size {settings.batch_size}: a step would show the same picture "
+                f"more than once. Lower batch_size to {self.num_images} (steps 0 still gives each picture its 500 "
+                "samples) or add pictures."
+            )
         if settings.steps == 0:
             settings = replace(settings, steps=auto_steps(self.num_images, settings.batch_size))
             self.settings = settings

@@ -12,7 +12,8 @@ path tricks — one prompt each. Whatever happens, it must be one of:
 
 Nodes that sample or train (seconds per run) are fuzzed in two passes: each value first in a validation-only
 request (the checkpoint loader upstream names a missing file, so ComfyUI validates the whole graph, reports
-the fuzzed node's errors beside the loader's, and runs nothing); then the values that validation let through
+the fuzzed node's errors beside the loader's, and runs nothing; one request carries a value for every widget,
+and ComfyUI names each input it refuses); then the values that validation let through
 are packed: each run gives every widget its next such value, all in one prompt; when that combined run fails
 (quickly, at the node's own checks), the widget its message names is tried alone and the others together
 again. A value ComfyUI converts into one already run ("yes" and 2 both reach the node as True) is not run
@@ -482,6 +483,27 @@ def _validate_only(server, node_id: str, display: str, base: dict, changes: dict
     return "refused"
 
 
+def _validate_packed(server, node_id: str, display: str, base: dict, changes: dict, what: str) -> set[str] | None:
+    """:func:`_validate_only` for several widgets at once: the names of the inputs ComfyUI refused (it checks every
+    input and reports each refusal with its input's name), or None when a refusal names no input (then the caller
+    validates the widgets one at a time)."""
+    prompt = copy.deepcopy(base)
+    prompt["n"]["inputs"].update(changes)
+    loaders = [k for k, node in prompt.items() if node["class_type"] == "CheckpointLoaderSimple"]
+    assert loaders, f"{node_id}: a validation-only request needs the checkpoint loader upstream"
+    for k in loaders:
+        prompt[k]["inputs"]["ckpt_name"] = MISSING_CKPT
+    with pytest.raises(PromptRejected) as refused:
+        server.post_prompt(prompt)
+    errors = refused.value.body.get("node_errors") if isinstance(refused.value.body, dict) else None
+    assert errors and set(loaders) <= set(errors), (what, "the decoy loader was not refused", refused.value)
+    if "n" not in errors:
+        return set()
+    _check_refusal(refused.value, node_id, display, what)
+    names = [e.get("extra_info", {}).get("input_name") for e in errors["n"]["errors"]]
+    return None if not all(names) else set(names)
+
+
 def _as_comfyui_passes_it(kind: str, value):
     """The value a node receives for a widget input that passed validation: ComfyUI 0.3.64 unwraps
     ``{"__value__": v}`` and converts with int/float/str/bool (execution.validate_inputs)."""
@@ -565,13 +587,30 @@ def test_node_survives_bad_values(comfy_server, tiny_checkpoint, fuzz_files, pla
         # every widget with a value still to try its next one, all in one prompt; when that fails (quickly, at the
         # node's checks), the widget the message names is tried alone and the others together again. So a value
         # ComfyUI refuses never runs, and a sampling run covers one accepted value of every widget at once.
+        # Validation is packed the same way: request r carries the r-th value of every widget, and ComfyUI names
+        # each input it refuses (a refusal naming none sends that request's widgets through one at a time).
+        by_widget: dict[str, list[tuple]] = {}
+        for name, kind, value in cases:
+            by_widget.setdefault(name, []).append((kind, value))
+        accepted = []
+        for r in range(max((len(v) for v in by_widget.values()), default=0)):
+            batch = {name: values[r] for name, values in by_widget.items() if r < len(values)}
+            shown = ", ".join(f"{name}={value!r:.20}" for name, (_k, value) in batch.items())
+            refused = _validate_packed(comfy_server, node_id, display, base,
+                                       {name: value for name, (_k, value) in batch.items()}, f"{node_id}.{{{shown}}}"[:300])  # fmt: skip
+            for name, (kind, value) in batch.items():
+                what = f"{node_id}.{name} = {value!r:.60}"
+                if refused is None:
+                    is_refused = _validate_only(comfy_server, node_id, display, base, {name: value}, what) == "refused"
+                else:
+                    is_refused = name in refused
+                if is_refused:
+                    counts["refused"] += 1
+                else:
+                    accepted.append((name, kind, value))
         queues: dict[str, list[tuple]] = {}  # widget -> [(key, value as posted)] still to run
         covered: list[tuple] = []  # (widget, key): the node gets what a run below gives it
-        for name, kind, value in cases:
-            what = f"{node_id}.{name} = {value!r:.60}"
-            if _validate_only(comfy_server, node_id, display, base, {name: value}, what) == "refused":
-                counts["refused"] += 1
-                continue
+        for name, kind, value in accepted:
             key = (kind, repr(_as_comfyui_passes_it(kind, value)))
             given = base["n"]["inputs"]  # (an optional input left out is not the same as one given as None)
             if name in given and key == (kind, repr(_as_comfyui_passes_it(kind, given[name]))):

@@ -47,7 +47,15 @@ def _prompt(comfy_server, tiny_checkpoint, files, name) -> dict:
             CKPT: {"ckpt_name": tiny_checkpoint},
             IMAGES: {"folder": files["folder"]},
             SAM: {"sam_name": files["sam"]},
-            TRAIN: {"steps": 2, "resolution": RES, "batch_size": 1, "output_name": name, "preview_every": 1},
+            # (one preview strength, not the workflow's three: each is a sampling run; the node test covers three)
+            TRAIN: {
+                "steps": 2,
+                "resolution": RES,
+                "batch_size": 1,
+                "output_name": name,
+                "preview_every": 1,
+                "preview_strengths": "1.0",
+            },
             LATENT: {"width": RES, "height": RES},
             SAMPLER: {"steps": 4},
             SAVE: {"filename_prefix": name},

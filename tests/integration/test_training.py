@@ -421,6 +421,7 @@ def test_resume_state_of_another_concept_is_refused(tr, base, tmp_path):
         (dict(preview_every=1, preview_strengths="0, strong"), "preview_strengths is '0, strong'"),
         (dict(preview_every=1, preview_strengths="nan"), "preview_strengths is 'nan'"),
         (dict(lr_schedule="cosine"), "lr_schedule must be one of"),
+        (dict(batch_size=3), "2 picture\\(s\\) for batch_size 3"),
     ],
 )
 def test_bad_input_is_refused_by_name(comfy, base, change, match):
@@ -433,3 +434,22 @@ def test_bad_input_is_refused_by_name(comfy, base, change, match):
     with pytest.raises(ValueError, match=f"^Train ED-LoRA: .*{match}"):
         comfy.node_class(NODE).execute(**args)
     assert not (comfy.models_dir / "loras" / "bad_one.safetensors").exists()
+
+
+def test_orthogonality_against_a_stack_without_an_edlora_is_refused(comfy, base):
+    from safetensors.torch import save_file
+
+    from tests.support.builders.lora import SD15_ALL, make_lora
+
+    model, clip, vae = base
+    save_file(make_lora(model, SD15_ALL[:2], seed=3), str(comfy.models_dir / "loras" / "tr_plain_lora.safetensors"))
+    stack = comfy.node_class("MultiConceptStackLoRA").execute("tr_plain_lora.safetensors", 1.0, 1.0, "dog",
+                                                              class_word="dog").result[0]  # fmt: skip
+    imgs, _ = pictures()
+    with pytest.raises(ValueError, match="^Train ED-LoRA: orthogonal is 'penalty' but the concept stack in orthogonal_to "
+                       "holds no ED-LoRA"):  # fmt: skip
+        comfy.node_class(NODE).execute(model=model, clip=clip, vae=vae, images=imgs, captions="<TOK>",
+                                       concept_words="<ocat1> <ocat2>", class_word="cat", output_name="orth_none",
+                                       steps=1, lr_embedding=1e-3, lr_text=1e-5, lr_unet=1e-4, rank=4, batch_size=1,
+                                       resolution=RES, seed=0, orthogonal="penalty", orthogonal_to=stack)  # fmt: skip
+    assert not (comfy.models_dir / "loras" / "orth_none.safetensors").exists()
