@@ -531,11 +531,11 @@ class EDLoRATrainer:
         """The augmentations' randomness of one row of one step (same on every process and after a resume)."""
         return random.Random(f"{int(self.settings.seed)}:{int(step)}:{int(row)}")
 
-    def samples(self, step: int, rows: list[int]):
+    def samples(self, step: int, rows: list[int], order: list[int], posterior: torch.Tensor):
         """The clean latents ``[b, C, h, w]``, the loss masks ``[b, h, w]`` (or None), the subject/area masks at
-        the latent's size for the attention regulariser (or None) and the captions of ``rows`` of ``step``."""
+        the latent's size for the attention regulariser (or None) and the captions of ``rows`` of ``step``, whose
+        pictures and posterior noise :meth:`_draws` drew."""
         s = self.settings
-        order, _t, _noise, posterior = self._draws(step)
         pictures, subjects, areas, captions = [], [], [], []
         for r in rows:
             i = order[r]
@@ -584,9 +584,9 @@ class EDLoRATrainer:
     def loss(self, step: int, rows: list[int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of ``step`` on the given rows of its global batch (all rows by default)."""
         s = self.settings
-        order, t, noise = self.draws(step)
+        order, t, noise, posterior = self._draws(step)
         rows = list(range(len(order))) if rows is None else rows
-        x0, loss_mask, attention_mask, captions = self.samples(step, rows)
+        x0, loss_mask, attention_mask, captions = self.samples(step, rows, order, posterior)
         x0 = x0.to(self.device)
         eps = noise[rows].to(self.device)
         ms = self.model.model.model_sampling
