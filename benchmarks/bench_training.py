@@ -1,16 +1,21 @@
 """ED-LoRA training step time against ComfyUI's own TrainLoraNode, same model, rank, resolution and batch.
 
-    python benchmarks/bench_training.py [--quick] [--size 512] [--steps 3] [--rank 4] [--batch 1] [--repeats 2]
+    python benchmarks/bench_training.py [--quick] [--family sd15|sdxl|both] [--size 512] [--steps 3] [--rank 0]
+                                        [--batch 1] [--repeats 2] [--sdxl-channels N] [--sdxl-clip-layers N]
                                         [--device auto|cpu|cuda] [--figures FILE]
 
 Needs ComfyUI (COMFYUI_PATH or ~/comfy/ComfyUI) and the test venv. ComfyUI runs in this process on
 ``--device`` (cuda when a GPU is present); the models are built there (benchmarks/harness.py
 ``sd15_bench_models``): an SD1.5 UNet at full widths (860M parameters, seeded random weights; fp16 on CUDA,
-fp32 on the CPU), a full-size random CLIP-L; the pictures are random, encoded once by the test checkpoint's
-TAESD. Configurations, interleaved over the repeats:
+fp32 on the CPU), a full-size random CLIP-L; SDXL (``--family sdxl``; ``sdxl_bench_models``): SDXL's layout with
+all 70 cross-attention layers at its real widths and ComfyUI's SDXL CLIP at full depth on CUDA, on the CPU (where
+a full SDXL step with its 71 encodings through CLIP-G takes minutes) 64 channels wide with 3-layer text models;
+the pictures are random, encoded once by the test checkpoint's TAESD. Configurations, interleaved over the
+repeats:
 
 * ours: Train ED-LoRA's trainer (layer-wise token embeddings + text-encoder LoRA + UNet attention LoRA; every
-  step encodes each caption once per cross-attention layer, forward and backward), fp32 parameters;
+  step encodes each caption once per cross-attention layer, forward and backward), fp32 parameters, without
+  and with its gradient checkpointing (every ResBlock, transformer block and text-encoder layer recomputed);
 * core: ComfyUI's TrainLoraNode at the same rank (LoRA on every linear and conv weight of the UNet), fp32,
   with its default gradient checkpointing, and without it.
 
@@ -22,7 +27,8 @@ the per-repeat ratios. Checks (benchmarks/harness.py ``check_did_work``), before
 trainer's parameters changed from their start and its losses are finite; TrainLoraNode's LoRA (its zero-started
 ``lora_down`` factors) is no longer zero and finite, and its losses are finite. Memory: each configuration's
 peak over its start (CUDA: allocated memory; CPU: resident memory, sampled), the largest of the repeats.
-``--quick``: 256x256, 2 timed steps. The output ends with one JSON figure per line (benchmarks/figures.py;
+Targets (issue 27): step <= 1.3x TrainLoraNode's (both with checkpointing, and without), peak with checkpointing
+<= 1.25x TrainLoraNode's with checkpointing. ``--quick``: 256x256, 2 timed steps, both families. The output ends with one JSON figure per line (benchmarks/figures.py;
 ``--figures FILE`` appends them there too).
 """
 
@@ -41,19 +47,47 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness  # noqa: E402
 from tests.support.builders.sd15 import build_tiny_sd15  # noqa: E402
 
+FAMILIES = ("sd15", "sdxl")
+
 
 def main() -> int:
     t_start = time.perf_counter()
     size, steps = (512, "training resolution (square)"), (3, "timed steps per run")
-    rank = (4, "LoRA rank of both trainers")
-    parser = harness.bench_parser(__doc__, "256x256, 2 timed steps", size=size, steps=steps, rank=rank, repeats=2)
+    rank = (0, "LoRA rank of both trainers (0: 4 on SD1.5, 32 on SDXL, as the official recipes)")
+    parser = harness.bench_parser(__doc__, "256x256, 2 timed steps, both families (SDXL small: see --sdxl-channels)",
+                                  size=size, steps=steps, rank=rank, repeats=2)  # fmt: skip
     parser.add_argument("--batch", type=int, default=1, help="pictures per step")
+    parser.add_argument("--family", choices=(*FAMILIES, "both"), default=None,
+                        help="which base-model family (default sd15; with --quick both)")  # fmt: skip
+    parser.add_argument("--sdxl-channels", type=int, default=0,
+                        help="SDXL UNet width (model_channels; 0: SDXL's 320 on CUDA, 64 on the CPU)")  # fmt: skip
+    parser.add_argument("--sdxl-clip-layers", type=int, default=0,
+                        help="layers of each SDXL text model (0: the real 12 and 32 on CUDA, 3 on the CPU; -1: the "
+                        "real ones anywhere)")  # fmt: skip
+    parser.add_argument("--configs", default="",
+                        help="comma-separated configurations to run (default all: ours, ours checkpointing, core, "
+                        "core no checkpointing); the figures need ours and core")  # fmt: skip
     args = harness.parse_args(parser, quick={"size": 256, "steps": 2})
+    args.family = args.family or ("both" if args.quick else "sd15")
 
     if (session := harness.start_comfy(args, "mc_bench_train_")) is None:
         return 2
+    figures = harness.Figures(args.device)
+    for family in FAMILIES if args.family == "both" else (args.family,):
+        run_family(family, args, session, figures)
+    print(f"total {time.perf_counter() - t_start:.0f}s")
+    figures.print(args.figures)
+    return 0
 
-    built = harness.sd15_bench_models(args, session)
+
+def run_family(family: str, args, session, figures) -> None:
+    cpu = args.device != "cuda"
+    rank = args.rank or {"sd15": 4, "sdxl": 32}[family]
+    if family == "sd15":
+        built = harness.sd15_bench_models(args, session)
+    else:
+        built = harness.sdxl_bench_models(args, session, small_channels=args.sdxl_channels or (64 if cpu else None),
+                                          clip_layers=_clip_layers(args.sdxl_clip_layers, cpu))  # fmt: skip
     model, clip = built.model, built.clip
     trainer_mod, loop = map(session.pack_module, ("training.edlora_trainer", "training.loop"))
 
@@ -62,7 +96,8 @@ def main() -> int:
     import nodes
 
     ckpt = session.models_dir / "checkpoints" / "bench_vae_source.safetensors"
-    build_tiny_sd15(ckpt, seed=0)
+    if not ckpt.exists():
+        build_tiny_sd15(ckpt, seed=0)
     vae = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt.name)[2]  # TAESD: encodes the pictures once
     n_images = max(2, args.batch)
     gen = torch.Generator().manual_seed(0)
@@ -73,21 +108,25 @@ def main() -> int:
         positive = nodes.CLIPTextEncode().encode(clip, "a photo of a cat in a garden")[0]
     clock = harness.Clock()
 
-    def ours():
-        settings = trainer_mod.TrainSettings(concept_words=("<bench1>", "<bench2>"), class_word="cat",
-                                             steps=1 + args.steps, rank=args.rank, batch_size=args.batch,
-                                             resolution=args.size, seed=0)  # fmt: skip
-        trainer = trainer_mod.EDLoRATrainer(model, clip, vae, images, captions, settings)
-        before = trainer.snapshot()
-        stamps = []
-        result = loop.train(trainer, save_states=False, report=lambda *a: stamps.append(clock.now()))
-        # the check before the time counts: the run trained (every step, finite losses, parameters moved)
-        if result.status != "done" or not all(math.isfinite(v) for v in result.losses):
-            raise harness.BenchmarkError(f"ours: training stopped ({result.status}: {result.message})")
-        after = trainer.snapshot()
-        flat = [torch.cat([d[k].flatten().float().cpu() for k in sorted(before)]) for d in (before, after)]
-        harness.check_did_work("ours (trained parameters)", flat[1], flat[0])
-        return statistics.mean(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+    def ours(checkpointing):
+        def run():
+            settings = trainer_mod.TrainSettings(concept_words=("<bench1>", "<bench2>"), class_word="cat",
+                                                 steps=1 + args.steps, rank=rank, batch_size=args.batch,
+                                                 resolution=args.size, seed=0,
+                                                 gradient_checkpointing=checkpointing)  # fmt: skip
+            trainer = trainer_mod.EDLoRATrainer(model, clip, vae, images, captions, settings)
+            before = trainer.snapshot()
+            stamps = []
+            result = loop.train(trainer, save_states=False, report=lambda *a: stamps.append(clock.now()))
+            # the check before the time counts: the run trained (every step, finite losses, parameters moved)
+            if result.status != "done" or not all(math.isfinite(v) for v in result.losses):
+                raise harness.BenchmarkError(f"ours: training stopped ({result.status}: {result.message})")
+            after = trainer.snapshot()
+            flat = [torch.cat([d[k].flatten().float().cpu() for k in sorted(before)]) for d in (before, after)]
+            harness.check_did_work("ours (trained parameters)", flat[1], flat[0])
+            return statistics.mean(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+
+        return run
 
     class StampedSampler(nodes_train.TrainSampler):
         """TrainLoraNode's sampler with a clock on its per-step loss callback (after each step's backward pass)."""
@@ -108,7 +147,7 @@ def main() -> int:
             original, nodes_train.TrainSampler = nodes_train.TrainSampler, StampedSampler
             try:
                 _, lora, losses, _ = nodes_train.TrainLoraNode().train(
-                    model, latents, positive, args.batch, 1 + args.steps, 1, 1e-4, args.rank, "AdamW", "MSE", 0,
+                    model, latents, positive, args.batch, 1 + args.steps, 1, 1e-4, rank, "AdamW", "MSE", 0,
                     "fp32", "fp32", "LoRA", checkpointing, "[None]")  # fmt: skip
             finally:
                 nodes_train.TrainSampler = original
@@ -127,7 +166,14 @@ def main() -> int:
 
         return run
 
-    configs = {"ours": ours, "core": core(True, "core"), "core no checkpointing": core(False, "core no checkpointing")}
+    configs = {"ours": ours(False), "ours checkpointing": ours(True), "core": core(True, "core"),
+               "core no checkpointing": core(False, "core no checkpointing")}  # fmt: skip
+    if args.configs:
+        wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
+        unknown = sorted(set(wanted) - set(configs))
+        if unknown:
+            raise harness.BenchmarkError(f"--configs: unknown {unknown}; choose from {list(configs)}")
+        configs = {name: fn for name, fn in configs.items() if name in wanted}
     times = harness.Repeats()
     memory: dict[str, float] = {}
     for rep in range(args.repeats):
@@ -136,26 +182,50 @@ def main() -> int:
             times.add(name, rep, value)
             memory[name] = max(memory.get(name, 0.0), peak.growth_mib)
             print(
-                f"  repeat {rep + 1}/{args.repeats} {name:24s} {value:6.2f} s/step  (+{peak.growth_mib:.0f} MiB)",
+                f"  {family} repeat {rep + 1}/{args.repeats} {name:24s} {value:6.2f} s/step  (+{peak.growth_mib:.0f} MiB)",
                 flush=True,
             )
 
-    title = (f"Training benchmark: {args.size}x{args.size}, batch {args.batch}, rank {args.rank}, {built.shape}, "
-             f"{harness.describe_machine(session)}: seconds per step")  # fmt: skip
-    harness.print_tables(title, times, {"peak MiB": (memory, "10.0f")}, base="core", what="seconds per step")
-    lo, hi = times.ratio_spread("ours", "core no checkpointing")
-    print(f"ours / core no checkpointing: {times.ratio('ours', 'core no checkpointing'):.2f}x ({lo:.2f}-{hi:.2f}x). "
-          f"peak: the largest of the repeats' peak over the run's start. total {time.perf_counter() - t_start:.0f}s\n")  # fmt: skip
-    figures = harness.Figures(args.device)
-    figures.add("training_step_ratio_vs_trainloranode", times.ratio("ours", "core"), target=1.3,
-                spread=times.ratio_spread("ours", "core"))  # fmt: skip
-    figures.add("training_step_ratio_vs_trainloranode_no_checkpointing", times.ratio("ours", "core no checkpointing"),
-                spread=(lo, hi))  # fmt: skip
-    figures.add("training_step_seconds", times.median("ours"), unit="s", spread=times.spread("ours"))
-    for name in configs:
-        figures.add(f"training_peak_memory_{name.replace(' ', '_')}", memory[name], unit="MiB")
-    figures.print(args.figures)
-    return 0
+    print_report(family, args, rank, built, session, times, memory, figures)
+
+
+def print_report(family, args, rank, built, session, times, memory, figures) -> None:
+    """The table, and the figure lines of whatever pairs of configurations ran (all of them by default)."""
+    title = (f"Training benchmark, {FAMILY_NAMES[family]}: {args.size}x{args.size}, batch {args.batch}, rank {rank}, "
+             f"{built.shape}, {harness.describe_machine(session)}: seconds per step")  # fmt: skip
+    ran = set(memory)
+    harness.print_tables(title, times, {"peak MiB": (memory, "10.0f")}, base="core" if "core" in ran else next(iter(memory)),
+                         what="seconds per step")  # fmt: skip
+    print("peak: the largest of the repeats' peak over the run's start.\n")
+    prefix = "training" if family == "sd15" else "training_sdxl"  # (SD1.5's names as before)
+    ratios = [  # (figure, ours, core, target)
+        ("step_ratio_vs_trainloranode", "ours", "core", 1.3),
+        ("step_ratio_vs_trainloranode_no_checkpointing", "ours", "core no checkpointing", None),
+        ("checkpointing_step_ratio_vs_trainloranode", "ours checkpointing", "core", 1.3),
+    ]
+    for figure, ours, core, target in ratios:
+        if {ours, core} <= ran:
+            figures.add(f"{prefix}_{figure}", times.ratio(ours, core), target=target,
+                        spread=times.ratio_spread(ours, core))  # fmt: skip
+    if {"ours checkpointing", "core"} <= ran:
+        figures.add(f"{prefix}_checkpointing_peak_memory_ratio_vs_trainloranode",
+                    memory["ours checkpointing"] / max(memory["core"], 1.0), target=1.25)  # fmt: skip
+    for name in ("ours", "ours checkpointing"):
+        if name in ran:
+            figures.add(f"{prefix}_{name.replace(' ', '_')}_step_seconds", times.median(name), unit="s",
+                        spread=times.spread(name))  # fmt: skip
+    for name in memory:
+        figures.add(f"{prefix}_peak_memory_{name.replace(' ', '_')}", memory[name], unit="MiB")
+
+
+def _clip_layers(value: int, cpu: bool):
+    """--sdxl-clip-layers: 0 = real depth on CUDA, 3 on the CPU; -1 = real depth; else that many."""
+    if value < 0 or (value == 0 and not cpu):
+        return None
+    return value or 3
+
+
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 
 
 if __name__ == "__main__":

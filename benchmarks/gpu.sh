@@ -127,16 +127,17 @@ export MULTICONCEPT_FIGURES="$FIGURES" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 # name | seconds allowed on the GPU (they add up to 450 s: with start-ups, under 8 minutes) | arguments on the
 # GPU (full sizes) | arguments for --quick. Each benchmark also gets --device and --figures.
 PLAN=(
-  "scoped_lora_sd15|45|bench_scoped_lora.py --size 512 --steps 12 --repeats 3|bench_scoped_lora.py --quick"
+  "scoped_lora_sd15|40|bench_scoped_lora.py --size 512 --steps 12 --repeats 3|bench_scoped_lora.py --quick"
   "scoped_lora_sdxl|70|bench_scoped_lora.py --family sdxl --size 1024 --steps 8 --repeats 2|bench_scoped_lora.py --family sdxl --quick"
-  "mixofshow|50|bench_mixofshow.py --size 512 --steps 12 --repeats 3|bench_mixofshow.py --quick"
-  "omg|45|bench_omg.py --size 512 --steps 15 --repeats 2|bench_omg.py --quick"
+  "mixofshow|45|bench_mixofshow.py --size 512 --steps 12 --repeats 3|bench_mixofshow.py --quick"
+  "omg|40|bench_omg.py --size 512 --steps 15 --repeats 2|bench_omg.py --quick"
   "lora_composer|45|bench_lora_composer.py --size 512 --steps 20 --repeats 2|bench_lora_composer.py --quick"
-  "concept_conductor|50|bench_concept_conductor.py --size 512 --steps 20 --repeats 2 --concepts 1,2|bench_concept_conductor.py --quick"
-  "fusion|45|bench_fusion.py --size 512 --steps 8 --concepts 2|bench_fusion.py --quick"
-  "edlora|30|bench_edlora.py --size 512 --steps 12 --repeats 3|bench_edlora.py --quick"
-  "training|40|bench_training.py --size 512 --steps 4|bench_training.py --quick"
-  "compare_methods|30|compare_methods.py --quick --out $OUT/compare|compare_methods.py --quick --out $OUT/compare"
+  "concept_conductor|45|bench_concept_conductor.py --size 512 --steps 20 --repeats 2 --concepts 1,2|bench_concept_conductor.py --quick"
+  "fusion|40|bench_fusion.py --size 512 --steps 8 --concepts 2|bench_fusion.py --quick"
+  "edlora|25|bench_edlora.py --size 512 --steps 12 --repeats 3|bench_edlora.py --quick"
+  "training|30|bench_training.py --family sd15 --size 512 --steps 4|bench_training.py --family sd15 --quick"
+  "training_sdxl|45|bench_training.py --family sdxl --size 1024 --steps 2 --repeats 1|bench_training.py --family sdxl --quick"
+  "compare_methods|25|compare_methods.py --quick --out $OUT/compare|compare_methods.py --quick --out $OUT/compare"
 )
 
 say "device $DEVICE$([ -n "$QUICK" ] && echo ", --quick sizes"), ComfyUI ${COMFYUI_PATH:-as the tests find it}, python $("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"

@@ -17,6 +17,8 @@ spread, the checks that a timed configuration did its work, and the figure lines
 * ``sd15_bench_models(args, session, n_loras, rank)``: the benchmarks' SD1.5 set-up on the device (the UNet at
   full widths, or small with ``small_channels``; a CLIP-L; kohya-shaped LoRAs saved in models/loras), with
   ``lora_stack`` and ``edlora_modules`` for the concept stacks and ED-LoRA files that fit it.
+* ``sdxl_bench_models(args, session)``: the same for SDXL (all 70 cross-attention layers; real or small widths,
+  ComfyUI's SDXL CLIP at full or reduced depth).
 * ``bench_parser`` / ``parse_args``: a benchmark's parser with the usual run arguments (``--size``, ``--steps``,
   ``--repeats``, ``--rank``) and the common ones; ``--quick``'s settings applied after parsing.
 * ``counted_configs`` / ``run_interleaved``: configurations on row-counting model clones (``--only`` applied),
@@ -578,6 +580,34 @@ def sd15_bench_models(args, session, n_loras: int = 0, rank: int = 16, name: str
     print(f"built {built.shape} ({built.unet_parameters / 1e6:.0f}M UNet parameters) on {args.device}"
           + (f" and {n_loras} LoRAs of rank {rank}" if n_loras else "")
           + f" in {time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
+    return built
+
+
+def sdxl_bench_models(args, session, small_channels: int | None = None, clip_layers: int | None = None) -> BenchModels:
+    """The benchmarks' SDXL set-up, seeded random weights, on ``args.device``: the UNet with SDXL's whole layout
+    (70 cross-attention layers) at its real widths (320/640/1280, 2.6B parameters), or ``small_channels`` wide
+    (model_channels; heads of 16); ComfyUI's SDXL CLIP (CLIP-L and CLIP-G at their real widths) with each text
+    model's real depth (12 and 32 layers), or ``clip_layers`` layers each (MLP 4x the width)."""
+    from tests.support.builders.clip import build_tiny_clip
+    from tests.support.builders.sd15 import build_unet_model
+    from tests.support.builders.sdxl import ALL_CROSS_ATTENTION_CONFIG, FULL_UNET_CONFIG
+
+    t0 = time.perf_counter()
+    dtype = model_dtype(args.device)
+    config = (
+        FULL_UNET_CONFIG
+        if not small_channels
+        else {**ALL_CROSS_ATTENTION_CONFIG, "model_channels": int(small_channels)}
+    )
+    model = build_unet_model("sdxl", config, seed=0, out_gain=0.1, dtype=dtype, device=args.device)
+    clip = build_tiny_clip("sdxl", seed=0, layers=clip_layers, mlp=None)
+    unet = f"SDXL layout {small_channels} channels wide" if small_channels else "SDXL widths"
+    text = f"CLIP-L + CLIP-G with {clip_layers} layers each" if clip_layers else "CLIP-L + CLIP-G (12 and 32 layers)"
+    clip_dtype = "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in clip.cond_stage_model.parameters()}))
+    built = BenchModels(model, clip, shape=f"{unet} (random), {text} (random), UNet {str(dtype).removeprefix('torch.')}, "
+                        f"CLIP {clip_dtype}", small_channels=small_channels, clip_layers=clip_layers or 32)  # fmt: skip
+    print(f"built {built.shape} ({built.unet_parameters / 1e6:.0f}M UNet parameters) on {args.device} in "
+          f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
     return built
 
 

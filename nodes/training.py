@@ -24,11 +24,12 @@ from ..training.loop import train
 from ..training.plots import loss_curve_image
 from ..training.recipe import (
     ATTENTION_WEIGHT,
+    AUTO_RATE,
     EMBEDDING_RULES,
     LR_SCHEDULES,
     NOISE_OFFSET,
     NORM_THRESHOLD,
-    OFFICIAL_BATCH,
+    RECIPES,
     SAMPLES_PER_PICTURE,
     WEIGHT_DECAY,
 )
@@ -67,8 +68,8 @@ def list_states() -> list[str]:
         return []
 
 
-def _learning_rate(name: str, default: float, step: float, tooltip: str) -> io.Float.Input:
-    return io.Float.Input(name, default=default, min=0.0, max=1.0, step=step, tooltip=tooltip)
+def _learning_rate(name: str, step: float, tooltip: str) -> io.Float.Input:
+    return io.Float.Input(name, default=AUTO_RATE, min=AUTO_RATE, max=1.0, step=step, tooltip=tooltip)
 
 
 class TrainEDLoRA(io.ComfyNode):
@@ -89,7 +90,11 @@ class TrainEDLoRA(io.ComfyNode):
                 "the run is saved and can be resumed."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5-family checkpoint's MODEL to train the concept for."),
+                io.Model.Input(
+                    "model",
+                    tooltip="The SD1.5- or SDXL-family checkpoint's MODEL to train the concept for (SDXL: Concept "
+                    "Conductor's recipe, CLIP-L and CLIP-G embeddings and LoRAs).",
+                ),
                 io.Clip.Input("clip", tooltip="The same checkpoint's CLIP."),
                 io.Vae.Input(
                     "vae", tooltip="The checkpoint's VAE: encodes each step's pictures (a fresh posterior sample)."
@@ -133,43 +138,52 @@ class TrainEDLoRA(io.ComfyNode):
                     default=0,
                     min=0,
                     max=1_000_000,
-                    tooltip=f"Optimiser steps. 0 = Mix-of-Show's count: {SAMPLES_PER_PICTURE} samples of each "
-                    f"picture, i.e. pictures × {SAMPLES_PER_PICTURE} / batch_size (10 pictures at batch 4: 1250).",
+                    tooltip="Optimiser steps. 0 = the official count: pictures × samples per picture / batch_size "
+                    f"(SD1.5, Mix-of-Show: {SAMPLES_PER_PICTURE} samples, 10 pictures at batch 4 = 1250 steps; "
+                    f"SDXL, Concept Conductor: {RECIPES['sdxl'].samples_per_picture} samples at batch 1).",
                 ),
                 _learning_rate(
                     "lr_embedding",
-                    1e-3,
                     1e-5,
-                    "Learning rate of the concept's token embeddings (Mix-of-Show: 1e-3). Must be above 0.",
+                    "Learning rate of the concept's token embeddings. -1 = official (SD1.5: 1e-3; SDXL: CLIP-L 1e-3, "
+                    "CLIP-G 5e-4). A number you set applies to every text encoder. Must not be 0.",
                 ),
                 _learning_rate(
                     "lr_text",
-                    1e-5,
                     1e-6,
-                    "Learning rate of the text-encoder LoRA (Mix-of-Show: 1e-5). 0 trains and saves none.",
+                    "Learning rate of the text-encoder LoRA. -1 = official (SD1.5: 1e-5; SDXL: CLIP-L 1e-5, CLIP-G "
+                    "2e-6). 0 trains and saves none.",
                 ),
                 _learning_rate(
                     "lr_unet",
-                    1e-4,
                     1e-5,
-                    "Learning rate of the UNet attention LoRA (Mix-of-Show: 1e-4). 0 trains and saves none.",
+                    "Learning rate of the UNet attention LoRA. -1 = official (SD1.5: 1e-4; SDXL: 5e-5). 0 trains and "
+                    "saves none.",
                 ),
-                io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank (Mix-of-Show: 4)."),
+                io.Int.Input(
+                    "rank",
+                    default=0,
+                    min=0,
+                    max=128,
+                    tooltip="LoRA rank. 0 = official (SD1.5: 4; SDXL: 32 for the UNet and CLIP-G, 4 for CLIP-L). A "
+                    "number you set applies to every LoRA.",
+                ),
                 io.Int.Input(
                     "batch_size",
-                    default=OFFICIAL_BATCH,
-                    min=1,
+                    default=0,
+                    min=0,
                     max=64,
-                    tooltip="Pictures per step (Mix-of-Show: 4, two on each of two GPUs). Lower it if memory runs "
-                    "out; with steps 0 the run still sees each picture 500 times.",
+                    tooltip="Pictures per step. 0 = official (SD1.5: 4, two on each of Mix-of-Show's two GPUs; SDXL: "
+                    "1). Lower it, or raise accumulation, if memory runs out; with steps 0 the run still sees each "
+                    "picture as often.",
                 ),
                 io.Int.Input(
                     "resolution",
-                    default=512,
-                    min=64,
+                    default=0,
+                    min=0,
                     max=2048,
                     step=64,
-                    tooltip="Training size in pixels (square). 512 for SD1.5.",
+                    tooltip="Training size in pixels (square). 0 = official (SD1.5: 512; SDXL: 1024).",
                 ),  # fmt: skip
                 seed_input(
                     "seed",
@@ -242,12 +256,13 @@ class TrainEDLoRA(io.ComfyNode):
                 ),  # fmt: skip
                 io.Float.Input(
                     "norm_cap",
-                    default=NORM_THRESHOLD,
-                    min=0.0,
+                    default=AUTO_RATE,
+                    min=AUTO_RATE,
                     max=10.0,
                     step=0.01,
                     optional=True,
-                    tooltip="The embedding rule's norm (Mix-of-Show: 0.55; CLIP's own tokens are about 0.4).",
+                    tooltip=f"The embedding rule's norm for CLIP-L. -1 = official ({NORM_THRESHOLD}; CLIP's own tokens "
+                    "are about 0.4); SDXL's CLIP-G embeddings have their own, 1.5 (Concept Conductor). 0 = no rule.",
                 ),  # fmt: skip
                 io.Combo.Input(
                     "lr_schedule",
@@ -329,6 +344,25 @@ class TrainEDLoRA(io.ComfyNode):
                     tooltip=f"Continue a cancelled or finished run from its state (output/{STATES_FOLDER}). Use the "
                     "same pictures, model and settings; raise 'steps' to train a finished run further.",
                 ),  # fmt: skip
+                # (new widgets go last: a saved workflow's widget values are positional)
+                io.Boolean.Input(
+                    "gradient_checkpointing",
+                    default=False,
+                    optional=True,
+                    tooltip="Recompute each UNet block's and text-encoder layer's activations in the backward pass "
+                    "instead of keeping them: much less memory (an SDXL concept on a 12 GB card), each step about "
+                    "a third slower. Off in both official recipes.",
+                ),  # fmt: skip
+                io.Int.Input(
+                    "accumulation",
+                    default=1,
+                    min=1,
+                    max=64,
+                    optional=True,
+                    tooltip="Split each step's batch into this many micro-batches, one after the other, and add up "
+                    "their gradients: the memory of a smaller batch, the update of the whole one. Must divide "
+                    "batch_size.",
+                ),  # fmt: skip
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The MODEL with the trained concept applied."),
@@ -348,9 +382,9 @@ class TrainEDLoRA(io.ComfyNode):
                 lr_text, lr_unet, rank, batch_size, resolution, seed, masks=None, masked_loss=True,
                 attention_weight=ATTENTION_WEIGHT, attention_regulariser=ATTENTION_REGULARISERS[0], orthogonal="off",
                 orthogonal_to=None, orthogonality_weight=1e-3, embedding_rule=EMBEDDING_RULES[0],
-                norm_cap=NORM_THRESHOLD, lr_schedule=LR_SCHEDULES[0], weight_decay=WEIGHT_DECAY,
+                norm_cap=AUTO_RATE, lr_schedule=LR_SCHEDULES[0], weight_decay=WEIGHT_DECAY,
                 noise_offset=NOISE_OFFSET, image_augmentation=IMAGE_MODES[0], caption_augmentation=CAPTION_MODES[0],
-                sample_posterior=True, preview_every=0, preview_prompt=f"a photo of {PLACEHOLDER}",
+                sample_posterior=True, gradient_checkpointing=False, accumulation=1, preview_every=0, preview_prompt=f"a photo of {PLACEHOLDER}",
                 preview_strengths="0, 0.7, 1.0", resume=NO_RESUME) -> io.NodeOutput:  # fmt: skip
         import comfy.model_management
 
@@ -382,7 +416,8 @@ class TrainEDLoRA(io.ComfyNode):
             orthogonal=orthogonal, orthogonality_weight=orthogonality_weight, embedding_rule=embedding_rule,
             norm_cap=norm_cap, lr_schedule=lr_schedule, weight_decay=weight_decay, noise_offset=noise_offset,
             image_augmentation=image_augmentation, caption_augmentation=caption_augmentation,
-            sample_posterior=sample_posterior,
+            sample_posterior=sample_posterior, gradient_checkpointing=gradient_checkpointing,
+            accumulation=accumulation,
         )  # fmt: skip
         resume_path = None
         if resume and resume != NO_RESUME:
@@ -410,7 +445,7 @@ class TrainEDLoRA(io.ComfyNode):
         def preview(step):
             imgs = trainer.preview(preview_prompt, seed, strengths=strengths)
             strip = torch.cat(list(imgs), dim=1)  # side by side, in the order given
-            progress.update(step, total, preview=("JPEG", _pil(strip), 512 * len(strengths)))
+            progress.update(step, total, preview=("JPEG", _pil(strip), trainer.settings.resolution * len(strengths)))
 
         try:
             result = train(trainer, state_path=state_path, resume=resume_path, report=report,

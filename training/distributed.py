@@ -17,6 +17,10 @@ The config is a JSON file::
       "output": "/models/loras/mycat.safetensors",
       "steps": 0,                                # 0: pictures × 500 / batch_size (Mix-of-Show's count)
       "batch_size": 4, "lr_embedding": 1e-3, "lr_text": 1e-5, "lr_unet": 1e-4, "rank": 4,
+      (rates -1 and batch_size/rank/resolution 0 = the official values of the checkpoint's family; SDXL:
+      Concept Conductor's, with "lr_embedding_g", "lr_text_g", "rank_text", "rank_text_g", "norm_cap_g")
+      "gradient_checkpointing": false, "accumulation": 1,
+      "mixed_precision": true,                   # on CUDA: the text encoders in the UNet's half dtype
       "seed": 0, "resolution": 512, "masked_loss": true, "attention_weight": 0.01, "norm_cap": 0.55,
       "embedding_rule": "freeze at mean norm", "lr_schedule": "linear to 0", "weight_decay": 0.01,
       "noise_offset": 0.01, "image_augmentation": "crop and place (official)",
@@ -49,7 +53,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SETTING_KEYS = ("steps", "lr_embedding", "lr_text", "lr_unet", "rank", "batch_size", "seed", "resolution",
                 "masked_loss", "attention_weight", "attention_regulariser", "full_identity", "norm_cap",
                 "embedding_rule", "lr_schedule", "weight_decay", "noise_offset", "image_augmentation",
-                "caption_augmentation", "sample_posterior", "adam_epsilon")  # fmt: skip
+                "caption_augmentation", "sample_posterior", "adam_epsilon", "gradient_checkpointing", "accumulation",
+                "mixed_precision",
+                "lr_embedding_g", "lr_text_g", "rank_text", "rank_text_g", "norm_cap_g")  # fmt: skip
 
 
 class _LossModule(torch.nn.Module):
@@ -133,25 +139,28 @@ def run(cfg: dict, resume: bool = False) -> str | None:
             log.warning("[multi-concept] %s", w)
         settings = TrainSettings(concept_words=words, class_word=str(cfg["class_word"]),
                                  **{k: cfg[k] for k in SETTING_KEYS if k in cfg})  # fmt: skip
-        if settings.batch_size % world:
-            raise TrainingError(f"batch_size {settings.batch_size} must be a multiple of the {world} processes")
         output = cfg["output"]
         if rank == 0 and os.path.exists(output):
             raise TrainingError(f"{output} exists; choose another output (files are never overwritten)")
         model, clip, vae = load_models(cfg["checkpoint"])
         trainer = EDLoRATrainer(model, clip, vae, images, list(captions.texts), settings, masks)
-        settings = trainer.settings  # steps 0 resolved to the official count
+        settings = trainer.settings  # "official" values resolved for the checkpoint's family
+        if settings.batch_size % (world * settings.accumulation):
+            raise TrainingError(f"batch_size {settings.batch_size} must be a multiple of the {world} processes × "
+                                f"accumulation {settings.accumulation}")  # fmt: skip
         per_rank = settings.batch_size // world
         rows = list(range(rank * per_rank, (rank + 1) * per_rank))
-        step_loss = None
+        step_loss = no_sync = None
         if distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             module = _LossModule(trainer)
             ddp = DistributedDataParallel(module, device_ids=[local_rank] if cuda else None, broadcast_buffers=False)
 
-            def step_loss(k):
-                return ddp(k, rows), module.parts
+            def step_loss(k, chunk):
+                return ddp(k, chunk), module.parts
+
+            no_sync = ddp.no_sync
 
         log_every = int(cfg.get("log_every", 10))
 
@@ -162,7 +171,8 @@ def run(cfg: dict, resume: bool = False) -> str | None:
 
         state = cfg.get("state")
         result = train(trainer, state_path=state if rank == 0 else None, resume=state if resume else None,
-                       report=report, step_loss=step_loss, save_states=rank == 0)  # fmt: skip
+                       report=report, step_loss=step_loss, rows=rows, no_sync=no_sync,
+                       save_states=rank == 0)  # fmt: skip
         if result.status != "done":
             raise TrainingError(result.message)
         if rank == 0:

@@ -1,6 +1,8 @@
 """Training an ED-LoRA on ComfyUI's own model code (the ComfyUI glue of the trainer).
 
-What one step does (Mix-of-Show's recipe, DESIGN.md §4 "Training"; the official values in :mod:`.recipe`):
+SD1.5 with Mix-of-Show's recipe, SDXL with Concept Conductor's (the official values in :mod:`.recipe`; SDXL
+adds CLIP-G embeddings and LoRA beside CLIP-L's and feeds the UNet's ADM input from CLIP-G's pooled output).
+What one step does:
 
 1. pick ``batch_size`` pictures and, for each, a timestep ``t ~ U{0..999}``, noise ``ε`` (plus a per-channel
    offset, ``noise_offset``) and the augmentations (:mod:`.augment`: crop and place on a black canvas, caption
@@ -8,13 +10,17 @@ What one step does (Mix-of-Show's recipe, DESIGN.md §4 "Training"; the official
    whether or not the run was interrupted;
 2. encode the augmented pictures with the VAE and draw a fresh sample of its posterior (``mean + std · n``);
 3. encode each caption once per cross-attention layer with that layer's concept tokens (16 encodings on
-   SD1.5) through the text encoder carrying the trainable text-encoder LoRA — the same encoder the loader
-   uses at inference, so what is trained is what is sampled;
+   SD1.5, 70 on SDXL) through the text encoder(s) carrying the trainable text-encoder LoRA — the same encoder
+   the loader uses at inference, so what is trained is what is sampled;
 4. run the UNet (trainable LoRA on every attention projection, layer ``i`` reading encoding ``i``) on the
    noised latent and take the noise-prediction error (inside the subject mask, or the picture's own area),
    plus the attention regulariser when there is a mask to keep the words' attention in (:mod:`.losses`);
-5. AdamW step on the three parameter groups at this step's learning rate (linear decay to 0), then the
-   embedding rule (frozen for the rest of the run once their mean norm reaches 0.55).
+5. AdamW step on the parameter groups at this step's learning rate (linear decay to 0), then the embedding rule
+   (frozen for the rest of the run once their mean norm reaches the threshold).
+
+Memory: the batch may run as micro-batches (``accumulation``, :mod:`.loop`); ``gradient_checkpointing`` recomputes
+every ResBlock, transformer block and text-encoder layer in the backward pass; a float16 model is trained with
+dynamic loss scaling, and on CUDA the text encoders run under autocast in the UNet's half dtype.
 
 The LoRAs run as branches beside their layers (``y = layer(x) + lora(x)``, in float32, as Mix-of-Show's
 LoRALinearLayer), installed as object patches of each layer's ``forward`` on clones of the user's MODEL and CLIP
@@ -27,6 +33,7 @@ fresh copy of its weight (what its own LoRA trainer does for every layer).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import math
@@ -35,9 +42,10 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
+import torch.utils.checkpoint
 
 from ..formats.edlora import EDLoRAWeights, validate_concept_words
-from ..samplers.edlora.clip import LAYERWISE_KEY, with_vocabulary
+from ..samplers.edlora.clip import LAYERWISE_KEY, ConceptTextEncoder, with_vocabulary
 from ..samplers.edlora.layerwise import cross_attention_order, layer_index
 from ..samplers.edlora.model import FAMILIES, add_layerwise_routing, model_family, text_encoder_prefixes
 from ..samplers.edlora.tokens import MARKER_KEY, is_marker
@@ -58,13 +66,14 @@ from .losses import (
 )
 from .recipe import (
     ATTENTION_WEIGHT,
+    AUTO_RATE,
     EMBEDDING_RULES,
     LR_SCHEDULES,
     NOISE_OFFSET,
-    NORM_THRESHOLD,
-    OFFICIAL_BATCH,
+    RECIPES,
     WEIGHT_DECAY,
     auto_steps,
+    chosen,
     lr_factor,
 )
 
@@ -83,18 +92,21 @@ class TrainingError(ValueError):
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """One run's settings; the defaults are Mix-of-Show's (:mod:`.recipe` cites each)."""
+    """One run's settings. The defaults are the official recipe of the model's family (:mod:`.recipe` cites each):
+    a rate of ``AUTO_RATE`` (-1) and a steps/rank/batch/resolution of 0 mean "the official value", filled in by
+    :meth:`resolved` once the family is known. The ``_g`` fields are SDXL's CLIP-G parts; left at "official" they
+    follow their CLIP-L field when that one is set explicitly."""
 
     concept_words: tuple[str, ...]
     class_word: str
-    steps: int = 0  # 0: pictures × 500 samples / batch_size, as the official configs
-    lr_embedding: float = 1e-3
-    lr_text: float = 1e-5
-    lr_unet: float = 1e-4
-    rank: int = 4
-    batch_size: int = OFFICIAL_BATCH
+    steps: int = 0  # 0: pictures × the official samples per picture / batch_size
+    lr_embedding: float = AUTO_RATE
+    lr_text: float = AUTO_RATE
+    lr_unet: float = AUTO_RATE
+    rank: int = 0  # the UNet LoRA's rank (and the text LoRAs' when set)
+    batch_size: int = 0
     seed: int = 0
-    resolution: int = 512
+    resolution: int = 0
     masked_loss: bool = True
     attention_weight: float = ATTENTION_WEIGHT
     attention_regulariser: str = "mix-of-show"
@@ -103,7 +115,7 @@ class TrainSettings:
     orthogonality_weight: float = 1e-3
     keep_from_zero_weight: float = 1e-4
     embedding_rule: str = "freeze at mean norm"
-    norm_cap: float = NORM_THRESHOLD  # the threshold of the embedding rule (freeze or cap)
+    norm_cap: float = AUTO_RATE  # the threshold of the embedding rule (freeze or cap) for CLIP-L
     lr_schedule: str = "linear to 0"
     weight_decay: float = WEIGHT_DECAY
     noise_offset: float = NOISE_OFFSET
@@ -111,6 +123,14 @@ class TrainSettings:
     caption_augmentation: str = CAPTION_MODES[0]
     sample_posterior: bool = True
     adam_epsilon: float = 1e-8
+    gradient_checkpointing: bool = False
+    accumulation: int = 1  # micro-batches per step (their gradients summed before the optimiser step)
+    mixed_precision: bool = True  # on CUDA, the text encoders in the UNet's half dtype (see EDLoRATrainer)
+    lr_embedding_g: float = AUTO_RATE
+    lr_text_g: float = AUTO_RATE
+    rank_text: int = 0
+    rank_text_g: int = 0
+    norm_cap_g: float = AUTO_RATE
 
     def check(self) -> None:
         try:
@@ -121,17 +141,19 @@ class TrainSettings:
             raise TrainingError("give the concept one or more words, e.g. <cat1> <cat2>")
         if not self.class_word.strip():
             raise TrainingError("the class word is empty: name what the concept is (man, dog, chair)")
-        for name in ("lr_embedding", "lr_text", "lr_unet"):
+        for name in ("lr_embedding", "lr_text", "lr_unet", "lr_embedding_g", "lr_text_g"):
             value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise TrainingError(f"learning rate {name} = {value} must be a finite number ≥ 0")
+            if not math.isfinite(value) or (value < 0 and value != AUTO_RATE):
+                raise TrainingError(f"learning rate {name} = {value} must be a finite number ≥ 0 (or -1: official)")
         if self.lr_embedding == 0:
             raise TrainingError(
-                "the embedding learning rate is 0: the concept words would learn nothing. Use about 1e-3 (set the "
-                "LoRA rates to 0 instead to train the words alone)"
+                "the embedding learning rate is 0: the concept words would learn nothing. Use -1 (the official "
+                "rate) or about 1e-3 (set the LoRA rates to 0 instead to train the words alone)"
             )
-        if self.steps < 0 or self.batch_size < 1 or self.rank < 1:
-            raise TrainingError("batch size and rank must be at least 1, steps at least 0 (0 = Mix-of-Show's count)")
+        if min(self.steps, self.batch_size, self.rank, self.rank_text, self.rank_text_g, self.resolution) < 0:
+            raise TrainingError("steps, batch size, rank and resolution must be at least 0 (0 = the official value)")
+        if self.accumulation < 1:
+            raise TrainingError(f"accumulation = {self.accumulation}: give 1 (no accumulation) or more micro-batches")
         choices = {"orthogonal": ORTHOGONAL_MODES, "attention_regulariser": ATTENTION_REGULARISERS,
                    "embedding_rule": EMBEDDING_RULES, "lr_schedule": LR_SCHEDULES, "image_augmentation": IMAGE_MODES,
                    "caption_augmentation": CAPTION_MODES}  # fmt: skip
@@ -140,16 +162,49 @@ class TrainSettings:
                 raise TrainingError(f"{name} must be one of {options}, not {getattr(self, name)!r}")
         if not math.isfinite(self.adam_epsilon) or self.adam_epsilon <= 0:
             raise TrainingError(f"adam_epsilon = {self.adam_epsilon} must be a positive number")
-        for name in ("attention_weight", "orthogonality_weight", "keep_from_zero_weight", "norm_cap", "weight_decay",
-                     "noise_offset"):  # fmt: skip
+        for name in ("attention_weight", "orthogonality_weight", "keep_from_zero_weight", "norm_cap", "norm_cap_g",
+                     "weight_decay", "noise_offset"):  # fmt: skip
             value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
+            auto = name.startswith("norm_cap") and value == AUTO_RATE
+            if not math.isfinite(value) or (value < 0 and not auto):
                 raise TrainingError(f"{name} = {value} must be a finite number ≥ 0")
+
+    def resolved(self, family: str, num_images: int) -> TrainSettings:
+        """These settings with every "official" value replaced by ``family``'s (``"sd15"`` / ``"sdxl"``)."""
+        r = RECIPES[family]
+        g = "g" in r.rank_text
+        batch = chosen(self.batch_size, r.batch_size)
+        return replace(
+            self,
+            batch_size=batch,
+            steps=chosen(self.steps, auto_steps(num_images, batch, r.samples_per_picture)),
+            resolution=chosen(self.resolution, r.resolution),
+            lr_embedding=chosen(self.lr_embedding, r.lr_embedding["l"], AUTO_RATE),
+            lr_text=chosen(self.lr_text, r.lr_text["l"], AUTO_RATE),
+            lr_unet=chosen(self.lr_unet, r.lr_unet, AUTO_RATE),
+            rank=chosen(self.rank, r.rank_unet),
+            rank_text=chosen(self.rank_text, chosen(self.rank, r.rank_text["l"])),
+            norm_cap=chosen(self.norm_cap, r.norm_threshold["l"], AUTO_RATE),
+            lr_embedding_g=chosen(self.lr_embedding_g, _follow(self.lr_embedding, r.lr_embedding.get("g")), AUTO_RATE)
+            if g
+            else 0.0,
+            lr_text_g=chosen(self.lr_text_g, _follow(self.lr_text, r.lr_text.get("g")), AUTO_RATE) if g else 0.0,
+            rank_text_g=chosen(self.rank_text_g, chosen(self.rank, r.rank_text["g"])) if g else 0,
+            # (a threshold does not follow CLIP-L's: CLIP-G's embeddings are larger; 0 turns both off)
+            norm_cap_g=chosen(self.norm_cap_g, 0.0 if self.norm_cap == 0 else r.norm_threshold.get("g"), AUTO_RATE)
+            if g
+            else 0.0,
+        )
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["concept_words"] = list(self.concept_words)
         return d
+
+
+def _follow(explicit: float, official):
+    """A CLIP-G value left at "official": its CLIP-L field's value when that was set, else the official one."""
+    return official if explicit == AUTO_RATE else explicit
 
 
 @dataclass
@@ -265,9 +320,12 @@ def class_word_embedding(clip, word: str, clip_key: str = "l") -> torch.Tensor:
     ids = [t[0] for s in tokens for t in s if isinstance(t[0], int) and t[0] not in special]
     if not ids:
         raise TrainingError(f"the class word {word!r} has no tokens")
+    return _token_table(clip, clip_key)[torch.tensor(ids)].float().mean(0).detach().clone()
+
+
+def _token_table(clip, clip_key: str) -> torch.Tensor:
     prefix = text_encoder_prefixes(clip)[clip_key]
-    table = clip.patcher.model.state_dict()[prefix + "text_model.embeddings.token_embedding.weight"]
-    return table[torch.tensor(ids)].float().mean(0).detach().clone()
+    return clip.patcher.model.state_dict()[prefix + "text_model.embeddings.token_embedding.weight"]
 
 
 # ------------------------------------------------------------------------------------- the trainer
@@ -278,26 +336,65 @@ class _OutOfPlaceCLIPLayer(torch.nn.Module):
     norm's input for the backward pass, and the in-place add would overwrite it. Same children under the same
     names (so weight wrappers still find them), same values; installed as an object patch on the CLIP clone."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, checkpointing: bool = False):
         super().__init__()
         self.layer_norm1 = layer.layer_norm1
         self.self_attn = layer.self_attn
         self.layer_norm2 = layer.layer_norm2
         self.mlp = layer.mlp
+        self.checkpointing = checkpointing
 
     def forward(self, x, mask=None, optimized_attention=None):
+        if self.checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, mask, optimized_attention, use_reentrant=False)
+        return self._forward(x, mask, optimized_attention)
+
+    def _forward(self, x, mask=None, optimized_attention=None):
         x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
         return x + self.mlp(self.layer_norm2(x))
 
 
-def _out_of_place_clip_layers(patcher) -> int:
+def _out_of_place_clip_layers(patcher, checkpointing: bool = False) -> int:
     count = 0
     for name, module in patcher.model.named_modules():
         # (a layer may already be ours: a clone from an earlier run stays patched until ComfyUI unloads it)
         if type(module).__name__ in ("CLIPLayer", "_OutOfPlaceCLIPLayer") and all(
             hasattr(module, a) for a in ("layer_norm1", "self_attn", "layer_norm2", "mlp")
         ):
-            patcher.add_object_patch(name, _OutOfPlaceCLIPLayer(module))
+            patcher.add_object_patch(name, _OutOfPlaceCLIPLayer(module, checkpointing))
+            count += 1
+    return count
+
+
+class _Checkpointed:
+    """A UNet block's ``forward`` run under activation checkpointing: its activations are not kept for the backward
+    pass but recomputed there (ComfyUI's TrainLoraNode does the same to the UNet's top-level blocks). The dicts it is
+    handed (``transformer_options``) are copied first: the UNet changes them in place between blocks, and the
+    recomputation must see them as the forward did."""
+
+    def __init__(self, module):
+        self.forward = type(module).forward.__get__(module)
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+        kwargs = {k: (dict(v) if isinstance(v, dict) else v) for k, v in kwargs.items()}
+        return torch.utils.checkpoint.checkpoint(self._run, args, kwargs, use_reentrant=False)
+
+    def _run(self, args, kwargs):
+        return self.forward(*args, **kwargs)
+
+
+CHECKPOINTED_BLOCKS = ("ResBlock", "BasicTransformerBlock")
+
+
+def _checkpoint_unet_blocks(patcher) -> int:
+    """Object patches running every ResBlock and transformer block of the UNet under checkpointing."""
+    count = 0
+    for name, module in patcher.model.diffusion_model.named_modules():
+        if type(module).__name__ in CHECKPOINTED_BLOCKS:
+            patcher.add_object_patch(f"diffusion_model.{name}.forward", _Checkpointed(module))
             count += 1
     return count
 
@@ -361,21 +458,43 @@ class EDLoRATrainer:
     def __init__(self, model, clip, vae, images: torch.Tensor, captions: list[str], settings: TrainSettings,
                  masks: torch.Tensor | None = None, existing: tuple[EDLoRAWeights, ...] = ()):  # fmt: skip
         settings.check()
-        self.settings = settings
         family = model_family(model)
-        if family != "sd15":
+        if family not in RECIPES:
             found = FAMILIES[family].name if family else type(model.model.model_config).__name__
             raise TrainingError(
-                f"training is available for SD1.5-family checkpoints; this MODEL is {found}. Load an SD1.5 checkpoint "
-                "(SDXL ED-LoRA training is not supported yet)."
+                f"training is available for SD1.5- and SDXL-family checkpoints; this MODEL is {found}. Load an SD1.5 "
+                "or SDXL checkpoint."
             )
-        if tuple(sorted(clip.tokenize("a").keys())) != ("l",):
-            raise TrainingError("this CLIP is not an SD1.5 CLIP (it needs exactly the CLIP-L text encoder)")
+        keys = tuple(sorted(clip.tokenize("a").keys()))
+        if keys != FAMILIES[family].clip_keys:
+            other = next((f.name for f in FAMILIES.values() if f.clip_keys == keys), None)
+            what = f"an {other} CLIP" if other else f"a CLIP with text encoders {list(keys)}"
+            raise TrainingError(
+                f"the MODEL is {FAMILIES[family].name} but the CLIP is {what}: connect the CLIP of the same "
+                f"{FAMILIES[family].name} checkpoint (it needs {' and '.join('CLIP-' + k.upper() for k in FAMILIES[family].clip_keys)})"
+            )
+        for w in existing:
+            if w.base_model != family:
+                raise TrainingError(
+                    f"orthogonal_to holds an {FAMILIES[w.base_model].name} ED-LoRA ({' '.join(w.words)}), and this "
+                    f"MODEL is {FAMILIES[family].name}: keep apart from ED-LoRAs of the same family only (remove it "
+                    "from the stack, or train on its family's checkpoint)"
+                )
+        self.settings = settings
         if len(captions) != images.shape[0]:
             raise TrainingError(f"{len(captions)} captions for {images.shape[0]} images")
         import comfy.model_management
 
+        self.family_key = family
         self.family = FAMILIES[family]
+        settings = settings.resolved(family, int(images.shape[0]))
+        self.settings = settings
+        self.clip_keys = self.family.clip_keys
+        if settings.batch_size % settings.accumulation:
+            raise TrainingError(
+                f"accumulation {settings.accumulation} does not divide batch_size {settings.batch_size}: each "
+                "micro-batch must hold the same number of pictures (e.g. batch 4 with accumulation 1, 2 or 4)"
+            )
         self.placing = settings.image_augmentation == IMAGE_MODES[0]
         crop = not self.placing  # the official augmentation crops and places each sample itself
         pixels = fit_images(images, settings.resolution, crop=crop)
@@ -386,12 +505,9 @@ class EDLoRATrainer:
         if self.num_images < settings.batch_size:
             raise TrainingError(
                 f"{self.num_images} picture(s) for batch_size {settings.batch_size}: a step would show the same picture "
-                f"more than once. Lower batch_size to {self.num_images} (steps 0 still gives each picture its 500 "
-                "samples) or add pictures."
+                f"more than once. Lower batch_size to {self.num_images} (steps 0 still gives each picture its "
+                f"{RECIPES[family].samples_per_picture} samples) or add pictures."
             )
-        if settings.steps == 0:
-            settings = replace(settings, steps=auto_steps(self.num_images, settings.batch_size))
-            self.settings = settings
         self.vae = vae
         self.process_latent_in = model.model.process_latent_in
         with torch.inference_mode(False), torch.no_grad():
@@ -401,6 +517,7 @@ class EDLoRATrainer:
             self.posteriors = None if self.placing else _encode_posterior(vae, self.pixels)
         self.device = comfy.model_management.get_torch_device()
         self.identity = {
+            "family": self.family.name,
             "model": None,  # filled in by load(): the weights as loaded, with the MODEL's own patches
             "concept_words": list(settings.concept_words),
             "class_word": settings.class_word,
@@ -409,32 +526,43 @@ class EDLoRATrainer:
             "images": _tensor_digest(self.pixels),
             "orthogonal": settings.orthogonal,
         }
-        self.frozen_embeddings: dict[str, torch.Tensor] | None = None  # set when the embedding rule freezes them
+        self.frozen_embeddings: dict[tuple, torch.Tensor] | None = None  # set when the embedding rule freezes them
+        # float16 activations: gradients of ~1e-5 would fall below float16's normal range, so the loss is scaled
+        # (dynamically, as torch.amp); bfloat16 and float32 have float32's range and need none
+        compute = getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
+        # (first scale 2^12, not torch's 2^16: this loss is O(1) and 2^16 overflows the first steps, which are skipped)
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**12) if compute == torch.float16 else None
+        # Mixed precision on CUDA: ComfyUI runs the text encoders in float32 whatever the UNet's dtype; here they run
+        # under autocast in the UNet's half dtype (Concept Conductor trains everything in bf16), their LoRA branches
+        # still in float32 (LoRADelta.branch), the parameters and AdamW's state float32. An SDXL step encodes each
+        # caption 70 times through CLIP-L and CLIP-G: the largest part of its time on a GPU.
+        half = compute in (torch.float16, torch.bfloat16) and self.device.type == "cuda"
+        self.text_autocast_dtype = compute if (half and settings.mixed_precision) else None
 
         gen = torch.Generator().manual_seed(int(settings.seed))
         with torch.inference_mode(False):
             self.unet_targets = unet_lora_targets(model)
-            self.text_targets = text_lora_targets(clip)
-            class_emb = class_word_embedding(clip, settings.class_word)
-            init = initial_embeddings(settings.concept_words, class_emb, self.family.layers, gen)
+            self.text_targets = {k: text_lora_targets(clip, k) for k in self.clip_keys}
+            init = self._initial_embeddings(clip, gen)
             frozen = self._frozen_downs(existing, gen) if settings.orthogonal == "frozen basis" else None
+            ranks = {"unet": settings.rank, "l": settings.rank_text, "g": settings.rank_text_g}
             self.params = EDLoRAParameters(
                 settings.concept_words, init,
-                {m: shape for m, (_, shape) in self.text_targets.items()},
+                {k: {m: shape for m, (_, shape) in t.items()} for k, t in self.text_targets.items()},
                 {m: shape for m, (_, shape) in self.unet_targets.items()},
-                settings.rank, gen, frozen,
+                ranks, gen, frozen,
             )  # fmt: skip
             self.params.to(self.device)
             self.old_downs = self._old_downs(existing) if settings.orthogonal == "penalty" else None
             self.optimizer = torch.optim.AdamW(
-                self.params.param_groups(settings.lr_embedding, settings.lr_text, settings.lr_unet,
-                                         settings.weight_decay),
-                eps=settings.adam_epsilon,
-            )  # fmt: skip
+                self.params.param_groups(self.rates(), settings.weight_decay), eps=settings.adam_epsilon
+            )
             self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        for part, lr in ((self.params.text_lora, settings.lr_text), (self.params.unet_lora, settings.lr_unet)):
-            if lr == 0:
-                part.requires_grad_(False)  # not trained: no gradients, nothing for a distributed run to average
+        for k in self.clip_keys:
+            if self.rates()[f"text_{k}"] == 0:
+                self.params.text_lora[f"clip_{k}"].requires_grad_(False)  # no gradients, nothing to average
+        if settings.lr_unet == 0:
+            self.params.unet_lora.requires_grad_(False)
         self._wire(model, clip)
         template = longest_template(settings.caption_augmentation)
         for i, caption in enumerate(self.captions):
@@ -447,6 +575,31 @@ class EDLoRATrainer:
                 )
 
     # --- set-up -------------------------------------------------------------------------------
+
+    def rates(self) -> dict[str, float]:
+        """The learning rate of each parameter group (see :meth:`EDLoRAParameters.param_groups`)."""
+        s = self.settings
+        out = {"embedding_l": s.lr_embedding, "text_l": s.lr_text, "unet": s.lr_unet}
+        if "g" in self.clip_keys:
+            out.update({"embedding_g": s.lr_embedding_g, "text_g": s.lr_text_g})
+        return out
+
+    def _initial_embeddings(self, clip, gen) -> dict[str, dict[str, torch.Tensor]]:
+        """Each word's starting rows for each text encoder. CLIP-L: Mix-of-Show's (the class word's embedding for
+        the last word, N(0, 0.013²) for the others). CLIP-G (SDXL): the class word's CLIP-G embedding, and random
+        vectors scaled by the ratio of CLIP-G's to CLIP-L's token-embedding spread (so they sit where 0.013 sits
+        among CLIP-L's tokens)."""
+        from .recipe import RANDOM_WORD_STD
+
+        words, layers = self.settings.concept_words, self.family.layers
+        out: dict[str, dict[str, torch.Tensor]] = {w: {} for w in words}
+        spread = {k: float(_token_table(clip, k).float().std()) for k in self.clip_keys}
+        for k in self.clip_keys:
+            std = RANDOM_WORD_STD * (spread[k] / spread["l"] if spread["l"] > 0 else 1.0)
+            class_emb = class_word_embedding(clip, self.settings.class_word, k)
+            for w, rows in initial_embeddings(words, class_emb, layers, gen, std).items():
+                out[w][k] = rows
+        return out
 
     def _old_downs(self, existing) -> list[list[torch.Tensor]]:
         out = []
@@ -471,6 +624,11 @@ class EDLoRATrainer:
         self.model = model.clone()
         _add_branches(self.model, self.params.unet_items(), self.unet_targets)
         _wrap_inference_weights(self.model, "diffusion_model.", set())
+        if self.settings.gradient_checkpointing and not _checkpoint_unet_blocks(self.model):
+            raise TrainingError(
+                "gradient_checkpointing is on, but this MODEL's UNet has no ResBlock or BasicTransformerBlock to "
+                "recompute (not the SD1.5/SDXL UNet layout): turn gradient_checkpointing off"
+            )
         add_layerwise_routing(self.model)  # for preview sampling; a no-op in the training forward
         self.order = cross_attention_order(self.model.model.diffusion_model)
         self.router = _LayerContextRouter(self.order)
@@ -478,20 +636,31 @@ class EDLoRATrainer:
         self.probe_layers = self._probe_layers()
 
         clip = clip.clone()
-        if self.settings.lr_text > 0:
-            _add_branches(clip.patcher, self.params.text_items(), self.text_targets)
+        rates = self.rates()
+        for k in self.clip_keys:
+            if rates[f"text_{k}"] > 0:
+                _add_branches(clip.patcher, self.params.text_items(k), self.text_targets[k])
         _wrap_inference_weights(clip.patcher, "", set())
-        if not _out_of_place_clip_layers(clip.patcher):
+        if not _out_of_place_clip_layers(clip.patcher, self.settings.gradient_checkpointing):
             raise TrainingError(
-                "this CLIP's text encoder is not the CLIP-L layout the trainer knows (no CLIPLayer found)"
+                "this CLIP's text encoder is not the CLIP layout the trainer knows (no CLIPLayer found)"
             )
         entry = ConceptEntry(
             uid="training",
             words=self.settings.concept_words,
-            embeddings={w: {"l": self.params.embedding(w)} for w in self.settings.concept_words},
+            embeddings={
+                w: {k: self.params.embedding(w, k) for k in self.clip_keys} for w in self.settings.concept_words
+            },
             source="training",
         )
         self.clip = with_vocabulary(clip, ConceptVocabulary().with_entry(entry))
+        # what the training steps encode with: the per-layer variants only (not the layer-averaged prompt the
+        # sampling conditioning also carries, which the loss never reads: 1 of 17 encodings on SD1.5); the same
+        # patcher, so ComfyUI never swaps models between the two
+        self.train_clip = copy.copy(self.clip)
+        self.train_clip.cond_stage_model = ConceptTextEncoder(
+            self.clip.cond_stage_model.base, self.clip.cond_stage_model.vocabulary, include_reference=False
+        )
 
     def _probe_layers(self) -> list[tuple]:
         """Where the attention regulariser reads the concept words' maps. Mix-of-Show's: every cross-attention
@@ -571,18 +740,22 @@ class EDLoRATrainer:
             attention_mask = _nearest(subject, size)
         return x0, loss_mask, attention_mask, captions
 
-    def encode(self, caption: str) -> tuple[torch.Tensor, list[int]]:
-        """``[1, L, 77, 768]`` per-layer encodings of ``caption`` (with grad) and the concept tokens' positions."""
+    def encode(self, caption: str) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+        """``[1, L, 77, width]`` per-layer encodings of ``caption`` (with grad), the concept tokens' positions and
+        the pooled output (SDXL: CLIP-G's, of layer 0's prompt, as the loader samples and Concept Conductor's trainer
+        takes it; None on SD1.5)."""
         tokens = self.clip.tokenize(caption)
         positions = [j for j, item in enumerate(tokens["l"][0]) if is_marker(item[0]) and MARKER_KEY in item[0]]
-        out = self.clip.encode_from_tokens(tokens, return_dict=True)
+        out = self.train_clip.encode_from_tokens(tokens, return_dict=True)
         layers = out.get(LAYERWISE_KEY)
         if layers is None:
             raise TrainingError(f"the caption {caption!r} does not name the concept words")
-        return layers.layers, positions
+        return layers.layers, positions, out.get("pooled_output") if "g" in self.clip_keys else None
 
     def loss(self, step: int, rows: list[int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of ``step`` on the given rows of its global batch (all rows by default)."""
+        """The loss of ``step`` on the given rows of its global batch (all rows by default), as the mean over those
+        rows. The context routing and the attention probe stay set until :meth:`release` (after the backward pass:
+        gradient checkpointing runs the forward again there)."""
         s = self.settings
         order, t, noise, posterior = self._draws(step)
         rows = list(range(len(order))) if rows is None else rows
@@ -593,16 +766,17 @@ class EDLoRATrainer:
         sigma = ms.sigma(t[rows].float()).to(self.device)
         x = ms.noise_scaling(sigma, eps, x0)
 
-        encoded = [self.encode(c) for c in captions]
+        with self._text_precision():
+            encoded = [self.encode(c) for c in captions]
         self.router.layers = torch.cat([e[0] for e in encoded]).to(self.device)
         use_attention = s.attention_weight > 0 and attention_mask is not None and bool(self.probe_layers)
         self.probe.reset([e[1][: len(s.concept_words)] for e in encoded] if use_attention else None)
         options = self._transformer_options(use_attention)
-        try:
-            denoised = self.model.model.apply_model(x, sigma, c_crossattn=self.router.layers[:, 0],
-                                                    transformer_options=options)  # fmt: skip
-        finally:
-            self.router.layers = None
+        extra = {}
+        if encoded[0][2] is not None:  # SDXL: pooled text + the sizes, through the model's own ADM encoding
+            extra["y"] = self._adm(torch.cat([e[2] for e in encoded]).to(self.device))
+        denoised = self.model.model.apply_model(x, sigma, c_crossattn=self.router.layers[:, 0],
+                                                transformer_options=options, **extra)  # fmt: skip
         pred_eps = (x - denoised) / sigma.view(-1, 1, 1, 1)
         mask = loss_mask.to(self.device) if loss_mask is not None else None
         total = denoising_loss(pred_eps, eps, mask)
@@ -611,7 +785,6 @@ class EDLoRATrainer:
             attention = self._attention_term(attention_mask.to(self.device), x0.shape[-2:])
             parts["attention"] = float(attention.detach())
             total = total + attention
-        self.probe.reset(None)
         if self.old_downs is not None and s.lr_unet > 0:
             downs = [lora.down for _m, lora in self.params.unet_items()]
             orth = orthogonality_penalty(downs, self.old_downs)
@@ -619,6 +792,24 @@ class EDLoRATrainer:
             parts["orthogonality"] = float(orth.detach())
             total = total + s.orthogonality_weight * orth + s.keep_from_zero_weight * zero
         return total, parts
+
+    def _text_precision(self):
+        if self.text_autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.text_autocast_dtype)
+
+    def release(self) -> None:
+        """Forget the last loss's routing and probe state (after its backward pass)."""
+        self.router.layers = None
+        self.probe.reset(None)
+
+    def _adm(self, pooled: torch.Tensor) -> torch.Tensor:
+        """SDXL's ADM input for ``pooled`` ``[b, 1280]``: the pooled text and the size conditioning of a whole,
+        uncropped picture at the training resolution (ComfyUI's SDXL.encode_adm, as when sampling)."""
+        r = self.settings.resolution
+        y = self.model.model.encode_adm(pooled_output=pooled, width=r, height=r, crop_w=0, crop_h=0,
+                                        target_width=r, target_height=r)  # fmt: skip
+        return y.to(self.device)
 
     def _attention_term(self, mask: torch.Tensor, latent_hw) -> torch.Tensor:
         """The weighted attention regulariser from the probe's per-resolution maps."""
@@ -681,34 +872,50 @@ class EDLoRATrainer:
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        """The embedding rule after the optimiser step of 0-based ``step``."""
+        """The embedding rule after the optimiser step of 0-based ``step``. SDXL: each text encoder's embeddings
+        have their own threshold (CLIP-L 0.55, CLIP-G 1.5), and either one reaching it freezes both."""
         s = self.settings
         words = s.concept_words
-        if s.embedding_rule == "cap each row" and s.norm_cap > 0:
-            for w in words:
-                cap_norm_(self.params.embedding(w), s.norm_cap)
+        thresholds = {"l": s.norm_cap, "g": s.norm_cap_g}
+        if s.embedding_rule == "cap each row":
+            for k in self.clip_keys:
+                if thresholds[k] > 0:
+                    for w in words:
+                        cap_norm_(self.params.embedding(w, k), thresholds[k])
         elif s.embedding_rule == "freeze at mean norm":
             if self.frozen_embeddings is not None:  # train_edlora.py l. 135-136: put back after every step
-                for w in words:
-                    self.params.embedding(w).copy_(self.frozen_embeddings[w])
-            elif s.norm_cap > 0 and mean_norm([self.params.embedding(w) for w in words]) >= s.norm_cap:
+                for (w, k), t in self.frozen_embeddings.items():
+                    self.params.embedding(w, k).copy_(t)
+            elif any(
+                thresholds[k] > 0 and mean_norm([self.params.embedding(w, k) for w in words]) >= thresholds[k]
+                for k in self.clip_keys
+            ):
                 self.freeze_embeddings(step + 1)
 
     def freeze_embeddings(self, after_step: int) -> None:
-        """Keep the embeddings as they are now for the rest of the run (train_edlora.py l. 141-143)."""
-        self.frozen_embeddings = {w: self.params.embedding(w).detach().clone() for w in self.settings.concept_words}
+        """Keep the embeddings (every text encoder's) as they are now for the rest of the run (train_edlora.py
+        l. 141-143)."""
+        self.frozen_embeddings = {
+            (w, k): self.params.embedding(w, k).detach().clone() for w in self.settings.concept_words
+            for k in self.clip_keys
+        }  # fmt: skip
         self.frozen_at = int(after_step)
-        log.info("[multi-concept] Train ED-LoRA: the concept embeddings reached mean norm %.2f after step %d and are "
-                 "frozen from now on (Mix-of-Show's rule); the LoRAs keep learning", self.settings.norm_cap, after_step)  # fmt: skip
+        log.info("[multi-concept] Train ED-LoRA: the concept embeddings reached the mean norm threshold after step %d "
+                 "and are frozen from now on (Mix-of-Show's rule); the LoRAs keep learning", after_step)  # fmt: skip
 
     def extra_state(self) -> dict:
-        """What a resume state needs besides the parameters: when the embeddings were frozen."""
-        return {"embeddings_frozen_at": getattr(self, "frozen_at", None) if self.frozen_embeddings else None}
+        """What a resume state needs besides the parameters: when the embeddings were frozen, the loss scale."""
+        out = {"embeddings_frozen_at": getattr(self, "frozen_at", None) if self.frozen_embeddings else None}
+        if self.scaler is not None:
+            out["loss_scale"] = self.scaler.state_dict()
+        return out
 
     def load_extra_state(self, extra: dict) -> None:
         at = extra.get("embeddings_frozen_at")
         if at is not None:
             self.freeze_embeddings(int(at))
+        if self.scaler is not None and extra.get("loss_scale"):
+            self.scaler.load_state_dict(extra["loss_scale"])
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.params.flat().items()}
@@ -722,14 +929,15 @@ class EDLoRATrainer:
         import comfy.sample
 
         text = prompt.replace("<TOK>", " ".join(self.settings.concept_words))
-        loras = list(self.params.text_lora.values()) + list(self.params.unet_lora.values())
+        loras = self.params.text_loras() + list(self.params.unet_lora.values())
         images = []
         try:
             for strength in strengths:
                 for lora in loras:
                     lora.scale = float(strength)
-                positive = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
-                negative = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(""))
+                size = {"width": self.settings.resolution, "height": self.settings.resolution}
+                positive = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text), add_dict=size)
+                negative = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(""), add_dict=size)
                 latent = torch.zeros((1,) + self.latent_shape)
                 noise = comfy.sample.prepare_noise(latent, seed)
                 out = comfy.sample.sample(self.model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
@@ -742,7 +950,8 @@ class EDLoRATrainer:
 
     def weights(self) -> EDLoRAWeights:
         s = self.settings
-        return self.params.to_weights(s.class_word, "sd15", include_text=s.lr_text > 0, include_unet=s.lr_unet > 0)
+        text = any(v > 0 for k, v in self.rates().items() if k.startswith("text_"))
+        return self.params.to_weights(s.class_word, self.family_key, include_text=text, include_unet=s.lr_unet > 0)
 
 
 def _encode_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

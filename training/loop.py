@@ -5,10 +5,17 @@ copy of the parameters from before the step; when the loss or the updated parame
 that copy back, writes a resume state of the last good step and stops with ``status == "nan"``. When
 ``cancelled()`` turns true it writes a resume state and stops with ``status == "cancelled"``. ``step_loss``
 lets the distributed CLI put DistributedDataParallel between the trainer and the backward pass.
+
+A step's rows (this process's share of the global batch, all of it by default) go through in
+``settings.accumulation`` micro-batches: each one's mean loss, weighted by its share of the rows, is backpropagated
+on its own, so the summed gradients equal the whole batch's (the attention regulariser excepted: it divides each
+micro-batch's maps by that micro-batch's maximum, as the official code does per process). With a float16 model
+the loss is scaled before each backward pass and the step skipped on an overflow (``trainer.scaler``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,12 +55,26 @@ def _finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def micro_batches(rows: list[int], count: int) -> list[list[int]]:
+    """``rows`` in ``count`` consecutive equal parts (``count`` must divide their number)."""
+    if count < 1 or len(rows) % count:
+        raise ValueError(f"{count} micro-batches cannot split {len(rows)} rows evenly")
+    size = len(rows) // count
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
 def train(trainer, *, state_path: str | None = None, resume: str | None = None,
           report: Callable[[int, float, dict], None] | None = None, cancelled: Callable[[], bool] | None = None,
           preview: Callable[[int], None] | None = None, preview_every: int = 0,
-          step_loss: Callable[[int], tuple[torch.Tensor, dict]] | None = None,
+          step_loss: Callable[[int, list[int]], tuple[torch.Tensor, dict]] | None = None,
+          rows: list[int] | None = None, no_sync: Callable | None = None,
           save_states: bool = True) -> TrainResult:  # fmt: skip
+    """``rows``: this process's rows of each global batch (all by default); ``step_loss(step, rows)`` their mean
+    loss (the trainer's by default); ``no_sync``: a context manager that holds back DistributedDataParallel's
+    gradient averaging for all but the last micro-batch."""
     s = trainer.settings
+    rows = list(range(s.batch_size)) if rows is None else list(rows)
+    chunks = micro_batches(rows, s.accumulation)
     # ComfyUI runs nodes in inference mode; tensors made there (a resumed optimiser's moments) could not be
     # updated in place by the optimiser, so the whole run happens outside it
     with torch.inference_mode(False):
@@ -61,7 +82,26 @@ def train(trainer, *, state_path: str | None = None, resume: str | None = None,
         trainer.load()
         if resume:
             start, losses = resume_from(trainer, resume)
-    step_loss = step_loss or (lambda k: trainer.loss(k))
+    step_loss = step_loss or (lambda k, r: trainer.loss(k, r))
+    scaler = getattr(trainer, "scaler", None)
+
+    def run_step(step: int) -> tuple[float, dict]:
+        """Forward and backward passes of every micro-batch; the loss (NaN when one was not finite)."""
+        value, parts = 0.0, {}
+        for i, chunk in enumerate(chunks):
+            loss, chunk_parts = step_loss(step, chunk)
+            loss = loss * (len(chunk) / len(rows))
+            value += float(loss.detach())
+            for k, v in chunk_parts.items():
+                parts[k] = parts.get(k, 0.0) + v * len(chunk) / len(rows)
+            if not math.isfinite(value):
+                trainer.release()
+                return math.nan, parts
+            last = i == len(chunks) - 1
+            with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            trainer.release()
+        return value, parts
 
     def _save(step: int) -> str | None:
         if not (state_path and save_states):
@@ -75,12 +115,14 @@ def train(trainer, *, state_path: str | None = None, resume: str | None = None,
                 return TrainResult("cancelled", step, losses, _save(step), f"cancelled after {step} of {s.steps} steps")
             good = trainer.snapshot()
             trainer.optimizer.zero_grad(set_to_none=True)
-            loss, parts = step_loss(step)
-            value = float(loss.detach())
+            value, parts = run_step(step)
             if math.isfinite(value):
-                loss.backward()
                 trainer.before_step(step)
-                trainer.optimizer.step()
+                if scaler is not None:
+                    scaler.step(trainer.optimizer)
+                    scaler.update()
+                else:
+                    trainer.optimizer.step()
                 trainer.after_step(step)
             if not math.isfinite(value) or not _finite(trainer.params.flat().values()):
                 trainer.params.load_flat(good)

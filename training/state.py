@@ -61,12 +61,14 @@ def load_state(path: str, identity: dict) -> dict:
     if metadata.get("format") != STATE_FORMAT:
         raise StateError(f"{name} is not a training state of this pack (it has no '{STATE_FORMAT}' marker)")
     saved = json.loads(metadata["identity"])
+    if "family" in identity:
+        saved.setdefault("family", "SD1.5")  # states written before SDXL training existed
     diffs = [k for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: state {saved.get(k)!r}, now {identity.get(k)!r}" for k in diffs[:4])
         raise StateError(
-            f"{name} belongs to another training run ({detail}). Resume with the same model, concept words, class "
-            "word, rank and pictures, or start afresh (resume: none)."
+            f"{name} belongs to another training run ({detail}). Resume with the same model (family), concept words, "
+            "class word, rank and pictures, or start afresh (resume: none)."
         )
     params = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
     optim: dict[int, dict[str, torch.Tensor]] = {}

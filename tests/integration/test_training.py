@@ -319,6 +319,48 @@ def test_a_tiny_update_on_float16_weights_is_not_lost(comfy, tr, tiny_checkpoint
         assert cosine > 0.4, cosine
         lora.up.zero_()
         assert torch.equal(layer(x), plain)  # a zero LoRA is exactly the layer
+    # (on the CPU ComfyUI computes a float16 model in float32: no loss scaling; tests/unit/test_training_parts.py
+    # runs the loop's scaling)
+    assert trainer.scaler is None
+
+
+def _grads_after_one_step(tr, base, count_module=None, **kw):
+    """The gradients of a one-step run (left in ``.grad`` after the optimiser step) and how many times the
+    ``count_module``-th transformer block's self-attention ran."""
+    trainer = make(tr, base, steps=1, batch_size=2, attention_weight=0.0, **kw)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # each layer's row its own (they start as copies), so a layer routed wrong would show
+        for w in WORDS:
+            e = trainer.params.embedding(w)
+            e.add_(0.02 * torch.randn(e.shape, generator=g).to(e))
+    calls = []
+    blocks = [m for m in trainer.model.model.diffusion_model.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    handle = blocks[0].attn1.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        tr["loop"].train(trainer, save_states=False)
+    finally:
+        handle.remove()
+    grads = {k: v.grad.detach().clone() for k, v in trainer.params.flat().items() if v.grad is not None}
+    return grads, len(calls)
+
+
+def test_checkpointing_and_accumulation_change_the_memory_not_the_gradients(tr, base):
+    """Gradient checkpointing recomputes each block in the backward pass (the block runs twice per step) and
+    accumulation runs the batch as micro-batches: both give the gradients of the plain run. (The attention
+    regulariser is off here: it divides by each micro-batch's own maximum, as the official code per process.)"""
+    plain, plain_calls = _grads_after_one_step(tr, base)
+    checkpointed, checkpointed_calls = _grads_after_one_step(tr, base, gradient_checkpointing=True)
+    accumulated, accumulated_calls = _grads_after_one_step(tr, base, accumulation=2)
+    assert plain_calls == 1 and checkpointed_calls == 2 and accumulated_calls == 2
+    assert set(plain) == set(checkpointed) == set(accumulated) and any(k.startswith("unet.") for k in plain)
+    # every LoRA's up starts at 0, so no down has a gradient in the first step (and a key projection where one key
+    # is all there is — the 1×1 middle block — has none either)
+    ups = [n for n in plain if n.endswith(".up")]
+    assert sum(float(plain[n].abs().max()) > 0 for n in ups) > 0.8 * len(ups)
+    for name, g in plain.items():
+        scale = float(g.abs().max())
+        assert torch.allclose(checkpointed[name], g, atol=1e-6 * scale, rtol=0), name
+        assert torch.allclose(accumulated[name], g, atol=1e-4 * scale, rtol=1e-4), name
 
 
 # ------------------------------------------------------------------------------ interrupt and resume
@@ -347,21 +389,24 @@ def test_node_cancel_saves_a_state_and_resume_finishes_the_run(comfy, base):
     assert (comfy.models_dir / "loras" / "cancelled_cat.safetensors").is_file()
 
 
-def test_interrupt_and_resume_equals_an_uninterrupted_run(tr, base, tmp_path):
+@pytest.mark.parametrize("memory", [dict(batch_size=1), dict(batch_size=2, accumulation=2, gradient_checkpointing=True)],
+                         ids=["plain", "accumulation+checkpointing"])  # fmt: skip
+def test_interrupt_and_resume_equals_an_uninterrupted_run(tr, base, tmp_path, memory):
     # with Mix-of-Show's recipe: augmentations, posterior samples, linear decay, and the freeze saved in the state
-    # (a threshold the first step's embeddings pass: they learn in step 1, then stay, across the interruption)
+    # (a threshold the first step's embeddings pass: they learn in step 1, then stay, across the interruption);
+    # and with the memory options, which must not change what a resumed run computes
     norm_cap = 1e-4
-    whole = make(tr, base, steps=4, batch_size=1, norm_cap=norm_cap)
+    whole = make(tr, base, steps=4, norm_cap=norm_cap, **memory)
     tr["loop"].train(whole, save_states=False)
 
-    first = make(tr, base, steps=4, batch_size=1, norm_cap=norm_cap)
+    first = make(tr, base, steps=4, norm_cap=norm_cap, **memory)
     state = str(tmp_path / "run.state.safetensors")
     seen: list[float] = []
     stopped = tr["loop"].train(first, state_path=state, cancelled=lambda: len(seen) >= 2,
                                report=lambda s, v, p: seen.append(v))  # fmt: skip
     assert stopped.status == "cancelled" and stopped.step == 2 and os.path.isfile(state)
 
-    second = make(tr, base, steps=4, batch_size=1, norm_cap=norm_cap)
+    second = make(tr, base, steps=4, norm_cap=norm_cap, **memory)
     done = tr["loop"].train(second, state_path=state, resume=state)
     assert second.frozen_embeddings is not None and second.frozen_at == whole.frozen_at == 1
     assert done.status == "done" and len(done.losses) == 4
@@ -375,8 +420,8 @@ def test_nan_loss_keeps_the_last_good_state(tr, base, tmp_path):
     state = str(tmp_path / "nan.state.safetensors")
     kept = {}
 
-    def step_loss(k):
-        loss, parts = trainer.loss(k)
+    def step_loss(k, rows):
+        loss, parts = trainer.loss(k, rows)
         if k == 2:
             kept.update({n: v.detach().clone() for n, v in trainer.params.flat().items()})
             return loss * float("nan"), parts
@@ -422,6 +467,8 @@ def test_resume_state_of_another_concept_is_refused(tr, base, tmp_path):
         (dict(preview_every=1, preview_strengths="nan"), "preview_strengths is 'nan'"),
         (dict(lr_schedule="cosine"), "lr_schedule must be one of"),
         (dict(batch_size=3), "2 picture\\(s\\) for batch_size 3"),
+        (dict(batch_size=2, accumulation=3), "accumulation 3 does not divide batch_size 2"),
+        (dict(lr_unet=-0.5), "lr_unet = -0.5 must be a finite number ≥ 0 \\(or -1: official\\)"),
     ],
 )
 def test_bad_input_is_refused_by_name(comfy, base, change, match):

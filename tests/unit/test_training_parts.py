@@ -9,7 +9,7 @@ import torch
 
 from multiconcept.training.captions import CaptionError, prepare_captions
 from multiconcept.training.dataset import DatasetError, fit_images, fit_masks
-from multiconcept.training.edlora_params import EDLoRAParameters, initial_embeddings
+from multiconcept.training.edlora_params import EDLoRAParameters, LoRADelta, initial_embeddings
 from multiconcept.training.losses import (
     attention_outside_loss,
     cap_norm_,
@@ -151,8 +151,14 @@ def test_norm_cap_scales_only_long_rows():
 def _params(seed=0):
     g = torch.Generator().manual_seed(seed)
     init = initial_embeddings(("<a1>", "<a2>"), torch.full((8,), 0.5), 3, g)
-    return EDLoRAParameters(("<a1>", "<a2>"), init, {"text_model.encoder.layers.0.self_attn.q_proj": (8, 8)},
-                            {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (6, 5)}, 2, g)  # fmt: skip
+    init = {w: {"l": rows} for w, rows in init.items()}
+    return EDLoRAParameters(("<a1>", "<a2>"), init, {"l": {"text_model.encoder.layers.0.self_attn.q_proj": (8, 8)}},
+                            {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (6, 5)},
+                            {"unet": 2, "l": 2}, g)  # fmt: skip
+
+
+def _rates(embedding=1e-3, text=1e-5, unet=1e-4):
+    return {"embedding_l": embedding, "text_l": text, "unet": unet}
 
 
 def test_initialisation_follows_mix_of_show():
@@ -186,7 +192,7 @@ def test_flat_view_round_trips_and_converts_to_the_file_format():
 
 def test_resume_state_round_trips_and_refuses_another_run(tmp_path):
     p = _params()
-    opt = torch.optim.AdamW(p.param_groups(1e-3, 1e-5, 1e-4))
+    opt = torch.optim.AdamW(p.param_groups(_rates()))
     for _ in range(2):
         opt.zero_grad()
         sum((t**2).sum() for t in p.flat().values() if t.requires_grad).backward()
@@ -196,7 +202,7 @@ def test_resume_state_round_trips_and_refuses_another_run(tmp_path):
     st = load_state(path, ident)
     assert st["step"] == 2 and st["losses"] == [0.5, 0.4]
     q = _params(5)
-    opt2 = torch.optim.AdamW(q.param_groups(1e-3, 1e-5, 1e-4))
+    opt2 = torch.optim.AdamW(q.param_groups(_rates()))
     q.load_flat(st["params"])
     restore_optimizer(opt2, st)
     assert all(torch.equal(a, b) for a, b in zip(p.flat().values(), q.flat().values(), strict=True))
@@ -214,3 +220,88 @@ def test_loss_curve_is_a_picture_with_range():
     assert img.shape == (1, 360, 640, 3) and float(img.max() - img.min()) > 0.5
     assert moving_average([1, 2, 3, 4], 2) == [1.0, 1.5, 2.5, 3.5]
     assert loss_curve_image([]).shape == (1, 360, 640, 3)
+
+
+# ---------------------------------------------------------------------------------------- the loop
+
+
+class _FakeTrainer:
+    """What training.loop.train needs of a trainer: one weight, a loss per row computed in float16 whose
+    gradient (``tiny`` per entry) is below float16's smallest number unless the loss is scaled."""
+
+    def __init__(self, accumulation=1, scaled=False, tiny=1e-8):
+        from types import SimpleNamespace
+
+        self.settings = SimpleNamespace(steps=1, batch_size=4, accumulation=accumulation, as_dict=lambda: {})
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.params = SimpleNamespace(flat=lambda: {"w": self.w}, load_flat=lambda t: None)
+        self.optimizer = torch.optim.SGD([self.w], lr=0.0)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if scaled else None
+        self.tiny, self.calls, self.released = tiny, [], 0
+        self.rows = torch.arange(1.0, 5.0)  # row r's loss is (r + 1) * tiny * sum(w)
+
+    def load(self):
+        pass
+
+    def base_frozen(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def snapshot(self):
+        return {"w": self.w.detach().clone()}
+
+    def loss(self, step, rows):
+        self.calls.append(list(rows))
+        # the float16 part's gradient is ``tiny`` (times the scale, when scaled) per entry
+        return (self.w.half() * self.rows[rows].mean().half()).sum().float() * self.tiny, {"denoise": 0.0}
+
+    def release(self):
+        self.released += 1
+
+    def before_step(self, step):
+        pass
+
+    def after_step(self, step):
+        pass
+
+    def extra_state(self):
+        return {}
+
+
+def test_loop_accumulates_micro_batches_to_the_whole_batchs_gradient():
+    from multiconcept.training.loop import micro_batches, train
+
+    whole, split = _FakeTrainer(tiny=1e-3), _FakeTrainer(accumulation=2, tiny=1e-3)
+    train(whole, save_states=False)
+    train(split, save_states=False)
+    assert whole.calls == [[0, 1, 2, 3]] and split.calls == [[0, 1], [2, 3]] and split.released == 2
+    assert torch.allclose(whole.w.grad, split.w.grad, rtol=2e-3)  # (the loss is float16 here)
+    assert micro_batches([4, 5, 6, 7, 8, 9], 3) == [[4, 5], [6, 7], [8, 9]]
+    with pytest.raises(ValueError, match="cannot split"):
+        micro_batches([0, 1, 2], 2)
+
+
+def test_loop_scales_a_float16_loss_so_small_gradients_survive():
+    from multiconcept.training.loop import train
+
+    plain, scaled = _FakeTrainer(), _FakeTrainer(scaled=True)
+    train(plain, save_states=False)
+    train(scaled, save_states=False)
+    exact = float(plain.rows.mean()) * 1e-8
+    assert float(plain.w.grad.abs().max()) == 0.0  # 1e-8 rounds to 0 in float16: the update is lost
+    assert torch.allclose(scaled.w.grad, torch.full((3,), exact), rtol=0.05)  # unscaled back to float32
+
+
+def test_a_lora_branch_stays_float32_inside_an_autocast_region():
+    # mixed precision: the layer runs in half precision under autocast, its LoRA branch in float32 all the same
+    g = torch.Generator().manual_seed(0)
+    lora = LoRADelta(6, 5, 2, g)
+    with torch.no_grad():
+        lora.up.copy_(torch.randn(6, 2, generator=g))
+    x = torch.randn(3, 5, generator=g)
+    exact = lora.branch(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (x @ torch.randn(5, 5)).dtype == torch.bfloat16  # (autocast is on: a plain matmul is bfloat16)
+        inside = lora.branch(x)
+    assert inside.dtype == torch.float32 and torch.equal(inside, exact)

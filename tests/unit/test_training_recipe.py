@@ -35,11 +35,11 @@ from multiconcept.training.losses import denoising_loss, mean_norm, mixofshow_at
 def test_trainer_settings_default_to_the_official_recipe():
     from multiconcept.training.edlora_trainer import TrainSettings
 
-    s = TrainSettings(concept_words=("<a1>", "<a2>"), class_word="man")
-    assert s.steps == 0 and recipe.SAMPLES_PER_PICTURE == 500  # dataset_enlarge_ratio: 500 (8101 yml l. 22)
+    s = TrainSettings(concept_words=("<a1>", "<a2>"), class_word="man").resolved("sd15", 10)
+    assert s.steps == 1250 and recipe.SAMPLES_PER_PICTURE == 500  # dataset_enlarge_ratio: 500 (8101 yml l. 22)
     assert s.batch_size == 4  # batch_size_per_gpu: 2 (l. 21) on two GPUs: "B4" in the config's name
     assert (s.lr_embedding, s.lr_text, s.lr_unet) == (1e-3, 1e-5, 1e-4)  # finetune_cfg lr (l. 39, 46, 53)
-    assert s.rank == 4  # lora_cfg rank (l. 43, 50)
+    assert s.rank == s.rank_text == 4  # lora_cfg rank (l. 43, 50)
     assert s.weight_decay == 0.01  # optim_g weight_decay (l. 72), on every group (trainer_edlora.py l. 90-93)
     assert s.lr_schedule == "linear to 0"  # scheduler: linear (l. 77); no warm-up (train_edlora.py l. 85-90)
     assert s.embedding_rule == "freeze at mean norm" and s.norm_cap == 0.55  # emb_norm_threshold (l. 78)
@@ -52,6 +52,41 @@ def test_trainer_settings_default_to_the_official_recipe():
     assert s.sample_posterior is True  # vae.encode(images).latent_dist.sample() (trainer_edlora.py l. 203)
     assert s.resolution == 512  # size: 512 (l. 14)
     assert recipe.RANDOM_WORD_STD == 0.013  # initializer_token: <rand-0.013>+man (l. 55)
+    assert (s.gradient_checkpointing, s.accumulation) == (False, 1)  # (no such options in the official configs)
+    assert (s.lr_embedding_g, s.lr_text_g, s.rank_text_g) == (0.0, 0.0, 0)  # SD1.5 has no CLIP-G
+
+
+def test_sdxl_settings_default_to_concept_conductors_sdxl_recipe():
+    # Nihukat/Concept-Conductor @44c6693, configs/edlora/train_sdxl/chow_dog.yml (mitsuha_girl.yml agrees)
+    from multiconcept.training.edlora_trainer import TrainSettings
+
+    s = TrainSettings(concept_words=("<a1>", "<a2>"), class_word="dog").resolved("sdxl", 3)
+    assert s.resolution == 1024  # HumanResizeCropFinalV3 size: 1024 (l. 14)
+    assert s.batch_size == 1  # batch_size_per_gpu: 1 (l. 21)
+    assert (
+        s.steps == 3 * 2000
+    )  # dataset_enlarge_ratio: 2000 (l. 22); total_iter = len / batch (train_edlora_sdxl.py l. 82)
+    assert (s.lr_embedding, s.lr_embedding_g) == (1e-3, 5e-4)  # text_embedding lr (l. 39), text_embedding_2 (l. 42)
+    assert (s.lr_text, s.rank_text) == (1e-5, 4)  # text_encoder lr (l. 49), rank (l. 46)
+    assert (s.lr_text_g, s.rank_text_g) == (2e-6, 32)  # text_encoder_2 lr (l. 56), rank (l. 53)
+    assert (s.lr_unet, s.rank) == (5e-5, 32)  # unet lr (l. 63), rank (l. 60)
+    assert s.norm_cap == 0.55  # emb_norm_threshold (l. 88)
+    assert s.norm_cap_g == 1.5  # train_opt.get('emb_norm_threshold_2', 1.5) (train_edlora_sdxl.py l. 164)
+    assert s.noise_offset == 0.01 and s.attention_weight == 0.01  # noise_offset (l. 66), attn_reg_weight (l. 67)
+    assert s.weight_decay == 0.01 and s.lr_schedule == "linear to 0"  # weight_decay (l. 82), scheduler (l. 87)
+    assert s.gradient_checkpointing is False and s.accumulation == 1  # gradient_checkpoint (l. 70), l. 4
+
+
+def test_explicit_values_win_and_clip_g_follows_an_explicit_clip_l_value():
+    from multiconcept.training.edlora_trainer import TrainSettings
+
+    s = TrainSettings(concept_words=("<a1>",), class_word="dog", lr_embedding=2e-3, rank=8, batch_size=2,
+                      resolution=768, steps=10, lr_text=0.0).resolved("sdxl", 4)  # fmt: skip
+    assert (s.lr_embedding, s.lr_embedding_g, s.lr_text, s.lr_text_g) == (2e-3, 2e-3, 0.0, 0.0)
+    assert (s.rank, s.rank_text, s.rank_text_g, s.batch_size, s.resolution, s.steps) == (8, 8, 8, 2, 768, 10)
+    assert s.lr_unet == 5e-5 and s.norm_cap_g == 1.5  # untouched ones stay official; thresholds never follow
+    off = TrainSettings(concept_words=("<a1>",), class_word="dog", norm_cap=0.0).resolved("sdxl", 4)
+    assert off.norm_cap == off.norm_cap_g == 0.0
 
 
 def test_step_count_is_pictures_times_500_over_the_batch():
