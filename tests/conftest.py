@@ -99,6 +99,7 @@ LONGEST_FIRST = (
     "tests/integration/test_training_cli.py",
     "tests/integration/test_mixofshow_regional.py",
     "tests/integration/test_training.py",
+    "tests/integration/test_training_sdxl.py",
     "tests/integration/test_fusion.py",
     "tests/integration/test_response_mix.py",
 )
@@ -149,7 +150,12 @@ _results: dict[str, dict] = {}  # nodeid -> {"kind": "comfy"|"unit"|"other", "ou
 _timings: dict[str, float] = {}
 
 
+_scope_seconds: dict[str, float] = {}  # worker scope -> seconds of its tests (setup + call + teardown)
+
+
 def pytest_runtest_logreport(report):
+    scope = worker_scope(report.nodeid)
+    _scope_seconds[scope] = _scope_seconds.get(scope, 0.0) + float(getattr(report, "duration", 0.0) or 0.0)
     kw = report.keywords
     kind = "comfy" if any(m in kw for m in COMFY_MARKERS) else "unit" if "unit" in kw else "other"
     entry = _results.setdefault(report.nodeid, {"kind": kind, "outcome": None, "want": False})
@@ -197,6 +203,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         unit_line += f"; {other['ran']} other tests ran"
     terminalreporter.write_line(line)
     terminalreporter.write_line(unit_line)
+    if len(_scope_seconds) > 1 and hasattr(config, "workerinput") is False and config.getoption("numprocesses", None):
+        # what LONGEST_FIRST should list (the scopes a worker takes whole), longest first
+        top = sorted(_scope_seconds.items(), key=lambda kv: -kv[1])[:12]
+        terminalreporter.write_line(
+            "longest scopes: " + ", ".join(f"{k.removeprefix('tests/')} {v:.0f}s" for k, v in top)
+        )
 
 
 # ------------------------------------------------------------------------------------------ fixtures

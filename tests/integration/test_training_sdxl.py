@@ -161,7 +161,7 @@ def test_sdxl_node_trains_with_checkpointing_and_saves(comfy, tr, sdxl):
 def test_either_encoders_threshold_freezes_both_and_the_loras_go_on(tr, sdxl, tiny_models_shallow_clip, tmp_path):
     # CLIP-G's threshold reached after the first step (CLIP-L's never): from then on neither encoder's embeddings
     # change (Concept Conductor puts CLIP-G's back to their start when CLIP-L's rule fires; we keep both as they are)
-    trainer = make(tr, sdxl, steps=3, lr_embedding=5e-3, lr_unet=1e-3, norm_cap=100.0, norm_cap_g=1e-6)
+    trainer = make(tr, sdxl, steps=2, lr_embedding=5e-3, lr_unet=1e-3, norm_cap=100.0, norm_cap_g=1e-6)
     seen = []
 
     def report(step, loss, parts):
@@ -171,11 +171,11 @@ def test_either_encoders_threshold_freezes_both_and_the_loras_go_on(tr, sdxl, ti
     tr["loop"].train(trainer, state_path=state, report=report)
     assert trainer.frozen_at == 1
     for name in seen[0]:
-        same = torch.equal(seen[0][name], seen[2][name])
+        same = torch.equal(seen[0][name], seen[1][name])
         assert same if name.startswith("embedding") else True, name
-    assert any(not torch.equal(seen[0][n], seen[2][n]) for n in seen[0] if n.startswith("unet."))
+    assert any(not torch.equal(seen[0][n], seen[1][n]) for n in seen[0] if n.startswith("unet."))
     # its resume state on an SD1.5 checkpoint (same words, pictures and settings) is refused by family
-    sd15 = make(tr, tiny_models_shallow_clip, steps=4, lr_embedding=5e-3, lr_unet=1e-3, norm_cap=100.0)
+    sd15 = make(tr, tiny_models_shallow_clip, steps=3, lr_embedding=5e-3, lr_unet=1e-3, norm_cap=100.0)
     with pytest.raises(tr["state"].StateError, match="family: state 'SDXL', now 'SD1.5'"):
         tr["loop"].train(sd15, resume=state)
 
