@@ -15,7 +15,7 @@ from ..samplers.edlora.clip import LAYERWISE_KEY
 from ..samplers.edlora.model import EDLoRAApplyError, add_layerwise_routing, check_compatible
 from ..samplers.mixofshow.encoding import concept_clip, encode
 from ..samplers.mixofshow.plan import RegionalPlanError
-from ..samplers.omg.blend import POLICIES, resize_masks
+from ..samplers.omg.blend import POLICIES
 from ..samplers.omg.guider import OMGGuider, is_memoryless
 from ..samplers.omg.layout import DEFAULT_BUDGET_MB, LayoutError, LayoutStore
 from ..samplers.omg.stages import (
@@ -24,13 +24,16 @@ from ..samplers.omg.stages import (
     OMGError,
     OMGLayout,
     attention_boxes,
-    boxes_for_concepts,
+    check_mask_inputs,
+    checked_masks,
     class_word_tokens,
     concept_prompt,
+    fits_latent,
     mask_preview,
     masks_from_boxes,
     omg_strengths,
     parse_concept_prompts,
+    region_boxes,
     run_stage1,
     stage2_model,
     tag_rows,
@@ -245,26 +248,13 @@ def _guider(node, model, clip, stack, layout: OMGLayout, overlap, regions, sam, 
         if concept.kind == "edlora":
             check_compatible(model, clip, concept.adapter, concept.source)
     if given_masks is not None:
-        masks = given_masks.float().cpu()
-        masks = masks[None] if masks.ndim == 2 else masks
-        if masks.ndim != 3 or masks.shape[0] != len(everyone):
-            raise OMGError(
-                f"masks holds {masks.shape[0] if masks.ndim == 3 else 'no'} mask(s) for {len(everyone)} concept(s): "
-                "give one mask per concept, in stack order."
-            )
-        _fits_latent(masks, lat_h, lat_w)
+        masks = checked_masks(given_masks, len(everyone), (lat_h, lat_w))
         masks = torch.nn.functional.interpolate(masks[:, None], size=(height, width), mode="bilinear")[:, 0]
         masks = masks.clamp(0, 1)
         boxes = [_mask_box(m, width, height) for m in masks]
         refined = False
     elif regions is not None:
-        sx, sy = width / regions.width, height / regions.height
-        if abs(sx - sy) > 8 / min(width, height):
-            raise OMGError(
-                f"the regions were drawn on a {regions.width}x{regions.height} image, the latent is {width}x{height} "
-                "(another shape). Set the Regions node's size to the latent's."
-            )
-        boxes = [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in boxes_for_concepts(everyone, regions)]
+        boxes = region_boxes(everyone, regions, width, height)
     else:
         wanted = class_word_tokens(clip, layout.scene_prompt, everyone)
         if wanted != store.word_tokens:
@@ -277,7 +267,7 @@ def _guider(node, model, clip, stack, layout: OMGLayout, overlap, regions, sam, 
         # the user's boxes bound their masks; boxes found from attention only prompt SAM (official)
         masks, refined = masks_from_boxes(boxes, width, height, layout.image, sam, keep_in_box=regions is not None)
     preview = mask_preview(layout.image, masks, boxes, with_labels(everyone), width, height)
-    _fits_latent(masks, lat_h, lat_w)
+    fits_latent(masks, (lat_h, lat_w))
 
     prompts = _concept_prompts(stack, regions, layout.scene_prompt, concept_prompts)
     negatives = _concept_negatives(stack, regions, layout.negative_prompt)
@@ -300,14 +290,6 @@ def _guider(node, model, clip, stack, layout: OMGLayout, overlap, regions, sam, 
     )
     log.info("[multi-concept] %s: %s; masks from %s", node, store.describe(), how)
     return guider, masks, preview
-
-
-def _fits_latent(masks, lat_h, lat_w) -> None:
-    """Masks of another aspect ratio than the latent are refused, naming both sizes."""
-    try:
-        resize_masks(masks, (lat_h, lat_w))
-    except ValueError as e:
-        raise OMGError(f"{e}. Give masks of the sampled image's size ({lat_w * 8}x{lat_h * 8}).") from None
 
 
 def _mask_box(mask, width, height) -> tuple:
@@ -413,6 +395,8 @@ class OMG(io.ComfyNode):
         samples = latent_image["samples"]
         layout = None
         try:
+            # refused before stage 1 samples, as stage 2 would refuse them
+            check_mask_inputs(list(stack) + list(extra), regions, masks, samples.shape[-2:])
             start_step = min(max(1, round(start * steps)), steps - 1)
             # stage 2 runs from the start step, or the whole schedule for a sampler that keeps a history
             skipped = start_step if is_memoryless(sampler_name) else 0

@@ -13,7 +13,7 @@ import torch
 from ..concept_stack.stack import Concept, ConceptStack
 from ..prompt_tokens import phrase_positions
 from ..regions.layout import Region, Regions
-from .blend import boxes_from_attention
+from .blend import boxes_from_attention, resize_masks
 from .layout import OFF, RECORD, LayoutError, LayoutStore, install_layout_patches
 
 ROW_TAG = "omg:{i}"
@@ -179,6 +179,51 @@ def boxes_for_concepts(stack: ConceptStack, regions: Regions) -> list[tuple[floa
         xs0, ys0, xs1, ys1 = zip(*(r.box for r in picked), strict=True)
         out.append((min(xs0), min(ys0), max(xs1), max(ys1)))
     return out
+
+
+def region_boxes(stack: ConceptStack, regions: Regions, width: int, height: int) -> list:
+    """Each concept's box from the regions, in pixels of the ``width`` x ``height`` image sampled; the regions
+    must have been drawn at its aspect ratio."""
+    sx, sy = width / regions.width, height / regions.height
+    if abs(sx - sy) > 8 / min(width, height):
+        raise OMGError(
+            f"the regions were drawn on a {regions.width}x{regions.height} image, the latent is {width}x{height} "
+            "(another shape). Set the Regions node's size to the latent's."
+        )
+    return [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in boxes_for_concepts(stack, regions)]
+
+
+def checked_masks(masks: torch.Tensor, count: int, latent_hw) -> torch.Tensor:
+    """The masks given for ``count`` concepts as ``[N, H, W]`` floats on the CPU: one per concept, of the
+    latent's aspect ratio."""
+    masks = masks.float().cpu()
+    masks = masks[None] if masks.ndim == 2 else masks
+    if masks.ndim != 3 or masks.shape[0] != count:
+        raise OMGError(
+            f"masks holds {masks.shape[0] if masks.ndim == 3 else 'no'} mask(s) for {count} concept(s): "
+            "give one mask per concept, in stack order."
+        )
+    fits_latent(masks, latent_hw)
+    return masks
+
+
+def fits_latent(masks: torch.Tensor, latent_hw) -> None:
+    """Masks of another aspect ratio than the latent ``(h, w)`` are refused, naming both sizes."""
+    lat_h, lat_w = (int(s) for s in latent_hw)
+    try:
+        resize_masks(masks, (lat_h, lat_w))
+    except ValueError as e:
+        raise OMGError(f"{e}. Give masks of the sampled image's size ({lat_w * 8}x{lat_h * 8}).") from None
+
+
+def check_mask_inputs(stack: ConceptStack, regions: Regions | None, masks: torch.Tensor | None, latent_hw) -> None:
+    """Before stage 1 samples: the masks given (one per concept, the latent's aspect ratio) or else the regions
+    (the latent's aspect ratio, a box for every concept) are refused as stage 2 would refuse them."""
+    lat_h, lat_w = (int(s) for s in latent_hw)
+    if masks is not None:
+        checked_masks(masks, len(stack), (lat_h, lat_w))
+    elif regions is not None:
+        region_boxes(stack, regions, lat_w * 8, lat_h * 8)
 
 
 def attention_boxes(store: LayoutStore, width: int, height: int, threshold: float) -> list:

@@ -231,16 +231,17 @@ def _weights_fingerprint(model):
 def test_two_edlora_concepts_sd15_no_leaks_no_weight_gradient(comfy, base, cc):
     model, clip, _ = base
     pos, neg = encode(clip, SCENE), encode(clip, "blurry")
-    before = plain(model, pos, neg)
+    steps = 4  # still 2 aligned steps and 3 mask refinements
+    before = plain(model, pos, neg, steps=steps)
     weights = _weights_fingerprint(model)
     stack = edlora_stack(comfy)
     s = settings(cc, refine_start=0.3, refine_end=0.7, refine_every=1, kmeans_restarts=4)
     guider = cc["setup"].build_guider("T", model, clip, stack, SCENE, "blurry", 5.0, two_masks(), s)
     assert "<cat1> <cat2> cat" in guider.prompts[0] and "<dog1> <dog2> dog" in guider.prompts[1]
-    out = sample(guider)
+    out = sample(guider, steps=steps)
     assert has_range(out)
-    assert guider.steps_aligned == len(s.alignment_steps(STEPS)) and guider.last_loss > 0
-    assert guider.state.refinements == len(s.refine_steps(STEPS)) >= 2
+    assert guider.steps_aligned == len(s.alignment_steps(steps)) >= 2 and guider.last_loss > 0
+    assert guider.state.refinements == len(s.refine_steps(steps)) >= 2
     state = guider.state
     assert not state.reference_keys and not state.attention and not state.keys and not state.pending
     assert state.mode == "off" and state.masks is None
@@ -253,22 +254,23 @@ def test_two_edlora_concepts_sd15_no_leaks_no_weight_gradient(comfy, base, cc):
         assert p.grad is None
     after_weights = _weights_fingerprint(model)
     assert all(torch.equal(weights[k], after_weights[k]) for k in weights)
-    assert torch.equal(plain(model, pos, neg), before)
+    assert torch.equal(plain(model, pos, neg, steps=steps), before)
 
 
 def test_a_reference_latent_is_inverted_and_aligned_to(comfy, base, cc):
     model, clip, _ = base
     stack = lora_stack(comfy, ("cc_a.safetensors", "cat", ""), ("cc_b.safetensors", "dog", ""))
     pos, neg = encode(clip, SCENE), encode(clip, "blurry")
-    reference = plain(model, pos, neg, seed=11)  # as VAE Encode gives it
+    steps = 3  # 2 aligned steps
+    reference = plain(model, pos, neg, seed=11, steps=steps)  # as VAE Encode gives it
     s = settings(cc, shape_masks=False)
     a = cc["setup"].build_guider(
         "T", model, clip, stack, SCENE, "blurry", 5.0, two_masks(), s, reference_latent=reference
     )
     b = cc["setup"].build_guider("T", model, clip, stack, SCENE, "blurry", 5.0, two_masks(), s)
-    out_a, out_b = sample(a), sample(b)
+    out_a, out_b = sample(a, steps=steps), sample(b, steps=steps)
     assert has_range(out_a) and has_range(out_b)
-    assert a.steps_aligned == b.steps_aligned == len(s.alignment_steps(STEPS))
+    assert a.steps_aligned == b.steps_aligned == len(s.alignment_steps(steps)) >= 2
     assert (out_a - out_b).abs().mean() > 1e-4  # another reference, another layout pull
 
 

@@ -98,7 +98,7 @@ def map_loss(lc, guider, step):
 
 def test_with_every_constraint_off_the_guider_is_mixofshow_regional_sampling(comfy, base):
     model, clip, _ = base
-    steps = 3  # exactness holds at any step count; 3 keeps the three runs short
+    steps = 2  # exactness holds at any step count; 2 keeps the three runs short
     every = dict(lora_layers="every layer")  # as Mix-of-Show Regional scopes them
     guider, _ = composer(comfy, model, clip, **OFF, **every)
     ours = run(guider, steps=steps)
@@ -247,7 +247,7 @@ def test_a_sampler_that_cannot_take_latent_steps_is_refused_by_name(comfy, base,
 def test_other_samplers_take_the_latent_steps(comfy, base, sampler):
     model, clip, _ = base
     guider, _ = composer(comfy, model, clip, reinitialise=False)
-    out = run(guider, sampler=sampler, steps=4)
+    out = run(guider, sampler=sampler, steps=2)  # steps 0 and 1 (up to half of 2) take latent steps
     assert torch.isfinite(out).all() and guider.steps_refined >= 1
 
 
@@ -318,8 +318,8 @@ def test_isolation_in_the_models_own_self_attention_layers(comfy, base, lc):
 
 def test_isolation_changes_the_picture_and_reinitialisation_moves_noise_into_the_boxes(comfy, base):
     model, clip, _ = base
-    plain = run(composer(comfy, model, clip, **OFF)[0], steps=3)
-    isolated = run(composer(comfy, model, clip, **dict(OFF, isolation=True))[0], steps=3)
+    plain = run(composer(comfy, model, clip, **OFF)[0], steps=2)
+    isolated = run(composer(comfy, model, clip, **dict(OFF, isolation=True))[0], steps=2)
     assert float((isolated - plain).abs().mean()) > 1e-3
 
     seen = []
@@ -346,9 +346,9 @@ def test_the_attention_maps_node_draws_each_concept_at_chosen_steps(comfy, base)
     model, clip, _ = base
     guider, preview = composer(comfy, model, clip, reinitialise=False)
     assert preview.shape == (1, H, W, 3)
-    out = run(guider)
+    out = run(guider, steps=3)  # step 1 takes a latent step (its row shows the loss), step 3 does not
     node = comfy.node_class("MultiConceptLoRAComposerAttention")
-    maps = node.execute(guider, {"samples": out}, steps="1, 4").result[0]
+    maps = node.execute(guider, {"samples": out}, steps="1, 3").result[0]
     assert maps.shape[0] == 1 and maps.shape[-1] == 3
     assert maps.shape[2] == 2 * 256  # two concepts side by side, 256 px panels
     assert float(maps.std()) > 0.05 and torch.isfinite(maps).all()
@@ -367,13 +367,13 @@ def test_no_gradient_reaches_a_weight_and_plain_sampling_is_unchanged(comfy, bas
     def plain():
         noise = core("sample").prepare_noise(latent, 3)
         return core("sample").sample(
-            model, noise, 3, 4.0, "euler", "normal", pos, neg, latent, disable_pbar=True, seed=3
+            model, noise, 2, 4.0, "euler", "normal", pos, neg, latent, disable_pbar=True, seed=3
         )
 
     before = plain()
     weights = {k: v.clone() for k, v in model.model.state_dict().items()}
     guider, _ = composer(comfy, model, clip)
-    run(guider, steps=3)
+    run(guider, steps=2)
     assert guider.steps_refined > 0
     assert all(p.grad is None for p in model.model.parameters())
     after = plain()
@@ -451,14 +451,16 @@ def composer_graph(ckpt, boxes, prefix="lc", sampler="euler", steps=3):
 
 def test_in_a_server_run_the_graph_samples_and_a_bad_sampler_is_refused(comfy, base, tiny_checkpoint):
     """Through ComfyUI's executor (inference mode: weights and caches are inference tensors)."""
-    ok = comfy.run(composer_graph(tiny_checkpoint, [LEFT, RIGHT]))
+    session = comfy.persistent()  # one executor, as a server: the checkpoint and the guider are loaded once
+    ok = session.run(composer_graph(tiny_checkpoint, [LEFT, RIGHT]))
     assert ok.success, ok.error
     image, maps = ok.value("6"), ok.value("50")
     assert torch.isfinite(image).all() and float(image.std()) > 0.02
     assert float(maps.std()) > 0.02
-    bad = comfy.run(composer_graph(tiny_checkpoint, [LEFT, RIGHT], prefix="bad", sampler="heun"))
+    bad = session.run(composer_graph(tiny_checkpoint, [LEFT, RIGHT], prefix="bad", sampler="heun"))
     assert not bad.success
     text = json.dumps(bad.error)
     assert "cannot take latent updates" in text and "LoRA-Composer" in text
-    again = comfy.run(composer_graph(tiny_checkpoint, [LEFT, RIGHT], prefix="again"))
+    again = session.run(composer_graph(tiny_checkpoint, [LEFT, RIGHT], prefix="again"))
     assert again.success, again.error
+    assert {"1", "40"} <= set(bad.cached) & set(again.cached)  # the loaded checkpoint and guider were reused

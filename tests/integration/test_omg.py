@@ -4,6 +4,7 @@ attention, LoRA / ED-LoRA / three concepts / SDXL, no leaks, the layout store fr
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib
 import json
@@ -71,6 +72,25 @@ def has_range(t):
     return bool(torch.isfinite(t).all()) and float(t.std()) > 1e-3
 
 
+@pytest.fixture(scope="module")
+def shared_stage1(base, omg):
+    """``stage1(omg, model, clip)`` with its defaults, sampled once for the module: take it with ``fresh``."""
+    model, clip, _ = base
+    return stage1(omg, model, clip)
+
+
+def fresh(shared, omg):
+    """A test's own copy of the shared default stage 1. Stage 2 only reads the recorded layout (``cross``,
+    ``self_qk``, the maps, ``x_start``, ``sigmas``); what a run writes (its mode, the positions replayed, the
+    scene's rows, ``x_start = None`` for a run without the reuse) is the copy's own, so tests stay independent."""
+    store, pos, neg, first = shared
+    own = copy.copy(store)
+    own.replayed = set()
+    own.mode = omg["layout"].OFF
+    own.replay_uuids = frozenset()
+    return own, copy.deepcopy(pos), copy.deepcopy(neg), first.clone()
+
+
 def stage1(omg, model, clip, start=2, seed=3, steps=STEPS, words=(), budget=2**30, scene=SCENE, sampler="euler"):
     store = omg["layout"].LayoutStore(start, steps, (H // 8, W // 8), seed, budget, list(words))
     pos, neg = encode(clip, scene), encode(clip, "blurry")
@@ -107,6 +127,20 @@ def _replay_only(omg, model, store):
     return clone
 
 
+def counting(base):
+    """``base`` with a clone of its MODEL that counts the UNet's calls: a refusal before stage 1 leaves none."""
+    model, clip, vae = base
+    clone = model.clone()
+    calls: list = []
+
+    def count(apply_model, args):
+        calls.append(args["timestep"])
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    clone.set_model_unet_function_wrapper(count)
+    return (clone, clip, vae), calls
+
+
 def run_node(comfy, base, concepts, **kw):
     model, clip, vae = base
     node = comfy.node_class(NODE_ID)
@@ -119,9 +153,9 @@ def run_node(comfy, base, concepts, **kw):
 # ----------------------------------------------------------------------------------- the two stages
 
 
-def test_stage_two_with_nothing_to_blend_reproduces_stage_one(comfy, base, omg):
+def test_stage_two_with_nothing_to_blend_reproduces_stage_one(comfy, base, omg, shared_stage1):
     model, clip, _ = base
-    store, pos, neg, first = stage1(omg, model, clip)
+    store, pos, neg, first = fresh(shared_stage1, omg)
     assert has_range(first)
     assert store.cross and store.self_qk, "stage 1 must record the layout from the start step on"
     assert min(k[0] for k in store.cross) == store.start
@@ -136,16 +170,16 @@ def test_stage_two_with_nothing_to_blend_reproduces_stage_one(comfy, base, omg):
     torch.testing.assert_close(empty, first, atol=1e-5, rtol=1e-5)
 
 
-def test_starting_from_stage_one_latent_equals_sampling_stage_two_from_the_first_step(comfy, base, omg):
+def test_starting_from_stage_one_latent_equals_sampling_stage_two_from_the_first_step(comfy, base, omg, shared_stage1):
     model, clip, _ = base
     stack = lora_stack(comfy, ("omg_a.safetensors", "cat", ""))
     cpos = omg["stages"].tag_rows(encode(clip, "a photo of a tabby cat"), 0)
     cneg = omg["stages"].tag_rows(encode(clip, "blurry"), 0)
     mask = torch.zeros(1, H, W)
     mask[:, 16:80, 8:64] = 1.0
-    store, pos, neg, first = stage1(omg, model, clip)
+    store, pos, neg, first = fresh(shared_stage1, omg)
     reused = stage2(omg, model, store, pos, neg, [(cpos, cneg)], mask, stack=stack)
-    store2, *_ = stage1(omg, model, clip)
+    store2, *_ = fresh(shared_stage1, omg)
     again = stage2(omg, model, store2, pos, neg, [(cpos, cneg)], mask, stack=stack, reuse=False)
     assert has_range(reused) and (reused - first).abs().mean() > 1e-3, "the concept must change the picture"
     torch.testing.assert_close(reused, again, atol=1e-5, rtol=1e-5)
@@ -165,22 +199,37 @@ def _inside(a, b, mask):
     return float(((a - b).abs() * m).sum() / (m.sum() * a.shape[1]))
 
 
+BETWEEN_STEPS = 4  # blending from step 2: two steps, one of them with a call between steps
+
+
+def _concept_effect(comfy, base, omg, name):
+    """The cat concept's effect inside its mask with sampler ``name``, the stage-2 guider and the stage-1 store."""
+    model, clip, _ = base
+    stack, concepts, mask = _cat_concept(comfy, clip, omg)
+    store, pos, neg, first = stage1(omg, model, clip, sampler=name, steps=BETWEEN_STEPS)
+    guiders: list = []
+    out = stage2(omg, model, store, pos, neg, concepts, mask, stack=stack, sampler=name, guider_out=guiders)
+    return _inside(out, first, mask), guiders[0], store
+
+
+@pytest.fixture(scope="module")
+def euler_effect(comfy, base, omg):
+    """The euler baseline of the samplers calling the model between steps (the same for each of them)."""
+    return _concept_effect(comfy, base, omg, "euler")
+
+
 @pytest.mark.parametrize("sampler", ["dpm_2", "dpmpp_2s_ancestral"])
-def test_samplers_calling_the_model_between_steps_blend_and_replay_at_every_call(comfy, base, omg, sampler):
+def test_samplers_calling_the_model_between_steps_blend_and_replay_at_every_call(comfy, base, omg, sampler,
+                                                                                euler_effect):  # fmt: skip
     # dpm_2 / dpmpp_2s_ancestral evaluate the model at a sigma between two steps; those calls make the step's
     # update, so they must be blended (and their global branch replayed) like the others (issue 26: a concept's
     # effect inside its mask with dpm_2 was 0.05x its effect with euler)
-    model, clip, _ = base
-    stack, concepts, mask = _cat_concept(comfy, clip, omg)
     effects = {}
-    steps = 4  # blending from step 2: two steps, one of them with a call between steps
+    steps = BETWEEN_STEPS
     for name in (sampler, "euler"):
-        store, pos, neg, first = stage1(omg, model, clip, sampler=name, steps=steps)
-        guiders: list = []
-        out = stage2(omg, model, store, pos, neg, concepts, mask, stack=stack, sampler=name, guider_out=guiders)
-        guider = guiders[0]
+        effect, guider, store = _concept_effect(comfy, base, omg, name) if name == sampler else euler_effect
         assert guider.calls > 0 and guider.blended == guider.calls, (name, guider.blended, guider.calls)
-        effects[name] = _inside(out, first, mask)
+        effects[name] = effect
         if name == sampler:
             mid = {p for p in store.replayed if p != int(p)}
             assert guider.calls > steps - store.start and mid, (guider.calls, sorted(store.replayed))
@@ -215,7 +264,7 @@ def test_multistep_samplers_continue_stage_one_exactly(comfy, base, omg, sampler
     assert _inside(blended, first, mask) > 1e-3
 
 
-def test_batched_concept_rows_equal_a_pass_with_the_adapter_merged(comfy, base, omg):
+def test_batched_concept_rows_equal_a_pass_with_the_adapter_merged(comfy, base, omg, shared_stage1):
     # one concept with an all-ones mask: from the start step on, stage 2 IS that concept's own sampling (its
     # prompt, its LoRA merged by ComfyUI) continued from stage 1's latent
 
@@ -224,7 +273,7 @@ def test_batched_concept_rows_equal_a_pass_with_the_adapter_merged(comfy, base, 
     lora = stack[0].adapter.tensors
     cpos_plain, cneg_plain = encode(clip, "a photo of a tabby cat"), encode(clip, "blurry")
     cpos, cneg = (omg["stages"].tag_rows(c, 0) for c in (cpos_plain, cneg_plain))
-    store, pos, neg, _ = stage1(omg, model, clip)
+    store, pos, neg, _ = fresh(shared_stage1, omg)
     x_start = store.x_start.clone()
     ours = stage2(omg, model, store, pos, neg, [(cpos, cneg)], torch.ones(1, H, W), stack=stack)
 
@@ -239,7 +288,7 @@ def test_batched_concept_rows_equal_a_pass_with_the_adapter_merged(comfy, base, 
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-3)
 
 
-def test_the_blend_changes_only_inside_the_masks_at_each_step(comfy, base, omg):
+def test_the_blend_changes_only_inside_the_masks_at_each_step(comfy, base, omg, shared_stage1):
     # the final latent moves outside the mask too (the network mixes positions), but the blended prediction
     # of each step equals the global one outside every mask: check it on the guider's own output
     model, clip, _ = base
@@ -248,7 +297,7 @@ def test_the_blend_changes_only_inside_the_masks_at_each_step(comfy, base, omg):
     cneg = omg["stages"].tag_rows(encode(clip, "blurry"), 0)
     mask = torch.zeros(1, H, W)
     mask[:, 16:80, 8:64] = 1.0
-    store, pos, neg, _ = stage1(omg, model, clip)
+    store, pos, neg, _ = fresh(shared_stage1, omg)
     m2 = omg["stages"].stage2_model(model, stack, store, "Test")
     seen = []
     guider = omg["guider"].OMGGuider(m2, store, mask, "front_to_back")
@@ -360,7 +409,7 @@ def test_the_layout_store_is_freed_and_plain_sampling_is_unchanged(comfy, base, 
     stack = lora_stack(comfy, ("omg_a.safetensors", "cat", ""), ("omg_b.safetensors", "dog", ""))
     gc.collect()
     older = {id(o) for o in gc.get_objects() if isinstance(o, omg["layout"].LayoutStore)}
-    run_node(comfy, base, stack)
+    run_node(comfy, base, stack, steps=3)
     gc.collect()
     stores = [o for o in gc.get_objects() if isinstance(o, omg["layout"].LayoutStore) and id(o) not in older]
     assert all(s.bytes == 0 and not s.cross and not s.self_qk and s.x_start is None for s in stores)
@@ -369,9 +418,9 @@ def test_the_layout_store_is_freed_and_plain_sampling_is_unchanged(comfy, base, 
     assert "patches_replace" not in model.model_options.get("transformer_options", {})
 
 
-def test_the_memory_budget_keeps_the_earliest_steps(comfy, base, omg):
+def test_the_memory_budget_keeps_the_earliest_steps(comfy, base, omg, shared_stage1):
     model, clip, _ = base
-    full, *_ = stage1(omg, model, clip)
+    full, *_ = fresh(shared_stage1, omg)
     per_step = full.bytes // (STEPS - full.start)
     small, *_ = stage1(omg, model, clip, budget=int(per_step * 2.5))
     assert small.bytes <= int(per_step * 2.5)
@@ -385,30 +434,32 @@ def test_the_memory_budget_keeps_the_earliest_steps(comfy, base, omg):
 # ------------------------------------------------------------------------------------------ bad input
 
 
-def test_bad_input_is_refused_by_name(comfy, base, omg):
+def test_bad_input_is_refused_by_name(comfy, base, omg, shared_stage1):
     model, clip, _ = base
     stack = lora_stack(comfy, ("omg_a.safetensors", "cat", "cat"))
+    counted, calls = counting(base)  # every refusal of the node comes before stage 1 samples
     with pytest.raises(
         ValueError, match="^OMG Sampler: .*horse"
     ):  # a class word the scene prompt lacks (automatic masks)
-        run_node(comfy, base, lora_stack(comfy, ("omg_a.safetensors", "horse", "")))
+        run_node(comfy, counted, lora_stack(comfy, ("omg_a.safetensors", "horse", "")))
     with pytest.raises(ValueError, match="^OMG Sampler: .*class word"):  # no class word and no boxes
-        run_node(comfy, base, lora_stack(comfy, ("omg_a.safetensors", "", "")))
+        run_node(comfy, counted, lora_stack(comfy, ("omg_a.safetensors", "", "")))
     with pytest.raises(ValueError, match="^OMG Sampler: .*scene_prompt"):
-        run_node(comfy, base, stack, scene_prompt="  ")
+        run_node(comfy, counted, stack, scene_prompt="  ")
     other_box = comfy.pack_module("samplers.regions").parse_regions(
         json.dumps({"boxes": [{"x": 0.1, "y": 0.1, "w": 0.3, "h": 0.3, "label": "dog"}]}), W, H
     )
     with pytest.raises(ValueError, match="^OMG Sampler: .*no box"):  # a concept without a mask
-        run_node(comfy, base, stack, regions=other_box)
+        run_node(comfy, counted, stack, regions=other_box)
     square = comfy.pack_module("samplers.regions").parse_regions(
         json.dumps({"boxes": [{"x": 0.1, "y": 0.1, "w": 0.3, "h": 0.3, "label": "cat"}]}), 256, 256
     )
     with pytest.raises(ValueError, match="^OMG Sampler: .*another shape"):
-        run_node(comfy, base, stack, regions=square)
+        run_node(comfy, counted, stack, regions=square)
+    assert not calls, f"the model ran {len(calls)} times before a refusal"
 
     # the guider: masks of another size, another seed or latent size than the layout, a start outside
-    store, pos, neg, _ = stage1(omg, model, clip)
+    store, pos, neg, _ = fresh(shared_stage1, omg)
     with pytest.raises(ValueError, match="aspect"):
         stage2(omg, model, store, pos, neg, [(pos, neg)], torch.ones(1, 64, 64), stack=stack)
     with pytest.raises(ValueError, match="seed"):
@@ -416,7 +467,7 @@ def test_bad_input_is_refused_by_name(comfy, base, omg):
     with pytest.raises(ValueError, match="start"):
         omg["layout"].LayoutStore(STEPS, STEPS, (H // 8, W // 8), 0, 1)
     # the node still works after all that
-    assert has_range(run_node(comfy, base, stack, regions=None, scene_prompt="a cat on a sofa")[0]["samples"])
+    assert has_range(run_node(comfy, base, stack, regions=None, scene_prompt="a cat on a sofa", steps=3)[0]["samples"])
 
 
 # ------------------------------------------------------------------------------------- model concepts
@@ -433,14 +484,14 @@ def _attention_patched(model):
     return clone
 
 
-def test_a_model_concept_is_its_own_pass_with_its_own_patches(comfy, base, omg):
+def test_a_model_concept_is_its_own_pass_with_its_own_patches(comfy, base, omg, shared_stage1):
     # a whole-MODEL concept (e.g. an IP-Adapter/InstantID-patched model) with an all-ones mask: from the start
     # step on, stage 2 is that model's own sampling of its own prompt, continued from stage 1's latent
 
     model, clip, _ = base
     patched = _attention_patched(model)
     mpos, mneg = encode(clip, "a photo of a woman with red hair"), encode(clip, "blurry")
-    store, pos, neg, first = stage1(omg, model, clip)
+    store, pos, neg, first = fresh(shared_stage1, omg)
     x_start = store.x_start.clone()
     m2 = _replay_only(omg, model, store)
     guider = omg["guider"].OMGGuider(m2, store, torch.ones(1, H, W), "front_to_back")
@@ -467,7 +518,7 @@ def test_a_model_concept_is_its_own_pass_with_its_own_patches(comfy, base, omg):
     # through the nodes, beside a stack concept; and a model with other weights is refused by name
     entry = comfy.node_class("MultiConceptOMGModelConcept").execute(patched, mpos, mneg, "dog").result[0]
     stack = lora_stack(comfy, ("omg_a.safetensors", "cat", ""))
-    final, first_latent, masks, _ = run_node(comfy, base, stack, model_concepts=entry)
+    final, first_latent, masks, _ = run_node(comfy, base, stack, model_concepts=entry, steps=3)
     assert masks.shape == (2, H, W) and has_range(final["samples"])
 
     merged = core("sd").load_lora_for_models(model, None, stack[0].adapter.tensors, 1.0, 0)[0]
@@ -516,21 +567,24 @@ def test_masks_given_directly_are_used_and_checked(comfy, base):
     given = torch.zeros(2, H, W)
     given[0, 10:60, 5:60] = 1.0
     given[1, 20:90, 70:120] = 1.0
-    final, first, masks, preview = run_node(comfy, base, stack, masks=given)
+    final, first, masks, preview = run_node(comfy, base, stack, masks=given, steps=3)
     assert torch.equal(masks, given) and has_range(final["samples"]) and preview.shape == (1, H, W, 3)
+    # refused before stage 1 samples
+    counted, calls = counting(base)
     with pytest.raises(ValueError, match="^OMG Sampler: .*one mask per concept"):
-        run_node(comfy, base, stack, masks=given[:1])
+        run_node(comfy, counted, stack, masks=given[:1])
     with pytest.raises(ValueError, match="^OMG Sampler: .*aspect"):
-        run_node(comfy, base, stack, masks=torch.ones(2, 64, 64))
+        run_node(comfy, counted, stack, masks=torch.ones(2, 64, 64))
+    assert not calls, f"the model ran {len(calls)} times before a refusal"
 
 
-def test_the_replay_gives_the_scene_rows_stage_one_attention(comfy, base, omg):
+def test_the_replay_gives_the_scene_rows_stage_one_attention(comfy, base, omg, shared_stage1):
     # On SD1.5 the prompt reaches the UNet only through cross-attention. Replaying stage 1's cross-attention
     # outputs in the scene's positive rows therefore makes another scene prompt in stage 2 irrelevant from the
     # start step on: stage 2 ends where stage 1 did. Without the replay (memory budget 0) it does not.
     model, clip, _ = base
     other = encode(clip, "a red car on a mountain road at night")
-    store, pos, neg, first = stage1(omg, model, clip)
+    store, pos, neg, first = fresh(shared_stage1, omg)
     replayed = stage2(omg, model, store, other, neg, [], torch.zeros(0, H, W))
     torch.testing.assert_close(replayed, first, atol=1e-5, rtol=1e-5)
     bare, *_ = stage1(omg, model, clip, budget=0)
