@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.integration.test_training import pictures  # (its size is the same 64 px)
+
 RES = 64
 WORDS = ("<xdog1>", "<xdog2>")
 CAPTIONS = ["<xdog1> <xdog2>, on a red rug", "<xdog1> <xdog2>, by a window"]
@@ -38,18 +40,6 @@ def sdxl(comfy, tiny_models_shallow_clip):
 
     vae = tiny_models_shallow_clip[2]
     return build_tiny_sdxl(seed=5, all_cross_attention=True), build_tiny_clip("sdxl", seed=6, max_length=SECTION), vae
-
-
-def pictures(n=2, size=RES, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    imgs = 0.3 + 0.1 * torch.rand(n, size, size, 3, generator=g)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    masks = torch.zeros(n, size, size)
-    for i in range(n):
-        blob = ((yy - size * (0.4 + 0.2 * i)) ** 2 + (xx - size * 0.5) ** 2) < (size * 0.25) ** 2
-        imgs[i][blob] = torch.tensor([0.9, 0.6, 0.2])
-        masks[i] = blob.float()
-    return imgs, masks
 
 
 def make(tr, models, masks=None, **kw):
